@@ -1,0 +1,521 @@
+"""Durable publish benchmark: notifier against a no-op Tornado handler, same run, same machine.
+
+    python -m bench.publish [--rounds 5] [--duration 5]
+
+Starts ``bench.noop_server`` and ``notifier serve`` (embedded SQLite in a
+temporary folder) as single processes pinned to core 0, drives them from
+core 1 with ``wrk`` (a Lua script builds the POST bodies and counts every
+answer that is not a 200) and prints, as medians of alternating rounds:
+
+- no-op requests/s and notifier durable publishes/s with 50 keep-alive
+  clients on ``POST /api/publish``, and their ratio (goal: at least 0.7);
+- notifier durable messages/s through ``POST /api/publish/batch`` with
+  batches of 100 and a few concurrent clients (goal: at least 50,000/s).
+
+Afterwards it reads the topics' heads over the HTTP API, SIGKILLs notifier,
+starts it again on the same database and reads them again: every 200 that was
+counted must be there, before and after the kill.
+
+Without ``wrk`` on the PATH it falls back to a Python asyncio client (raw
+HTTP/1.1 keep-alive on sockets, also pinned to core 1) and says so. Each run
+prints how busy the server's and the load's cores were: a load core near 100%
+means the client, not the server, set the pace, and the run is not valid.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+SERVER_CORE = 0
+CLIENT_CORE = 1
+API_KEY = "benchkey"
+TOPICS = 10
+RATIO_GOAL = 0.7
+BATCH_GOAL = 50_000
+CLIENT_BUSY_LIMIT = 0.9
+
+# One request body per call of request(): ``n`` runs on per thread, so every
+# stored message is distinct. response() counts each status; done() prints the
+# totals of all threads as one JSON line for the harness.
+WRK_SCRIPT = r"""
+local threads = {}
+local next_tid = 0
+
+function setup(thread)
+  thread:set("tid", next_tid)
+  next_tid = next_tid + 1
+  table.insert(threads, thread)
+end
+
+function init(args)
+  mode = args[1]
+  per_request = tonumber(args[2])
+  pad = string.rep("x", tonumber(args[3]))
+  headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. args[4]}
+  n = tid * 1000000000
+  ok = 0
+  bad = 0
+  bad_sample = ""
+end
+
+local function message()
+  n = n + 1
+  return '{"topic":"bench.t' .. (n % 10) .. '","data":{"n":' .. n .. ',"pad":"' .. pad .. '"}}'
+end
+
+function request()
+  local body
+  if mode == "batch" then
+    local items = {}
+    for i = 1, per_request do items[i] = message() end
+    body = '{"messages":[' .. table.concat(items, ",") .. ']}'
+  else
+    body = message()
+  end
+  return wrk.format("POST", nil, headers, body)
+end
+
+function response(status, hdrs, body)
+  if status == 200 then
+    ok = ok + 1
+  else
+    bad = bad + 1
+    if bad_sample == "" then bad_sample = status .. " " .. string.sub(body, 1, 300) end
+  end
+end
+
+function done(summary, latency, requests)
+  local ok_total, bad_total, sample = 0, 0, ""
+  for _, t in ipairs(threads) do
+    ok_total = ok_total + t:get("ok")
+    bad_total = bad_total + t:get("bad")
+    if sample == "" then sample = t:get("bad_sample") end
+  end
+  local e = summary.errors
+  io.write(string.format(
+    'BENCHJSON {"requests":%d,"ok":%d,"non200":%d,"duration_us":%d,' ..
+    '"socket_errors":%d,"timeouts":%d,"p50_us":%d,"p99_us":%d,"max_us":%d}\n',
+    summary.requests, ok_total, bad_total, summary.duration,
+    e.connect + e.read + e.write, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.max))
+  io.write("BENCHSAMPLE " .. string.gsub(sample, "\n", " ") .. "\n")
+end
+"""
+
+
+@dataclass
+class Load:
+    """One timed run of the load generator against one URL."""
+    label: str
+    requests: int          # answers received (any status)
+    ok: int                # answers with status 200
+    non200: int
+    socket_errors: int
+    timeouts: int
+    seconds: float
+    per_request: int       # messages per request (1, or the batch size)
+    p50_ms: float
+    p99_ms: float
+    server_busy: float     # share of one core the server used
+    client_busy: float     # share of one core the load generator used
+    bad_sample: str = ""
+
+    @property
+    def valid(self) -> bool:
+        return self.non200 == 0 and self.socket_errors == 0 and self.timeouts == 0
+
+    @property
+    def client_bound(self) -> bool:
+        """The load generator's core was nearly saturated: it may have set the pace."""
+        return self.client_busy >= CLIENT_BUSY_LIMIT
+
+    @property
+    def rate(self) -> float:
+        """Acknowledged messages per second."""
+        return self.ok * self.per_request / self.seconds
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+
+    def cpu_seconds(self) -> float:
+        # utime and stime of every thread of the process, in clock ticks.
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Totals:
+    """What notifier acknowledged, for the durability check."""
+    acked_messages: int = 0
+    # Requests wrk had sent when it stopped but did not wait for: the server
+    # may still store them, so the heads can exceed what was counted by this.
+    in_flight_bound: int = 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 10) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, method=method, headers={
+        "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def wait_until_up(server: Server, method: str, path: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            break
+        try:
+            body = b'{"topic":"bench.up","data":null}' if method == "POST" else None
+            if http(method, f"http://127.0.0.1:{server.port}{path}", body, timeout=2)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    server.stop(signal.SIGKILL)
+    tail = server.log_path.read_text(errors="replace")[-3000:]
+    raise SystemExit(f"{server.name} did not answer {method} {path} on port {server.port} "
+                     f"(exit code {server.process.returncode}); its log ends:\n{tail}")
+
+
+def start(name: str, command: list[str], port: int, workdir: Path, env: dict[str, str], ready: tuple[str, str]) -> Server:
+    log_path = workdir / f"{name}.log"
+    process = subprocess.Popen(
+        ["taskset", "-c", str(SERVER_CORE), *command],
+        cwd=workdir, env={**os.environ, **env},
+        stdin=subprocess.DEVNULL, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
+    server = Server(name, port, process, log_path)
+    wait_until_up(server, *ready)
+    return server
+
+
+def start_noop(workdir: Path) -> Server:
+    port = free_port()
+    return start("noop", [sys.executable, "-m", "bench.noop_server", "--port", str(port)],
+                 port, workdir, {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}, ("POST", "/api/publish"))
+
+
+def notifier_env(port: int, workdir: Path) -> dict[str, str]:
+    return {
+        "NOTIFIER_SERVER_PORT": str(port),
+        "NOTIFIER_STORE_PATH": str(workdir / "notifier.db"),
+        "NOTIFIER_AUTH_API_KEYS": API_KEY,
+        "NOTIFIER_AUTH_JWT_SECRET": "bench-secret-" + "0123456789abcdef" * 3,
+        "NOTIFIER_LOG_LEVEL": "warning",
+    }
+
+
+def start_notifier(command: list[str], workdir: Path, port: int | None = None) -> Server:
+    port = port or free_port()
+    return start("notifier", command, port, workdir, notifier_env(port, workdir), ("GET", "/readyz"))
+
+
+def run_wrk(label: str, server: Server, path: str, connections: int, seconds: int,
+            per_request: int, pad: int, workdir: Path) -> Load:
+    script = workdir / "publish.lua"
+    if not script.exists():
+        script.write_text(WRK_SCRIPT)
+    mode = "batch" if path.endswith("/batch") else "single"
+    command = ["taskset", "-c", str(CLIENT_CORE), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
+               "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{server.port}{path}",
+               "--", mode, str(per_request), str(pad), API_KEY]
+    cpu_before = server.cpu_seconds()
+    wall_before = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = process.stdout.read().decode(errors="replace")
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.monotonic() - wall_before
+    server_busy = (server.cpu_seconds() - cpu_before) / wall
+    process.returncode = os.waitstatus_to_exitcode(status)
+    stats = next((json.loads(line.split(" ", 1)[1]) for line in output.splitlines()
+                  if line.startswith("BENCHJSON ")), None)
+    if process.returncode != 0 or stats is None:
+        raise SystemExit(f"wrk failed ({process.returncode}): {' '.join(command)}\n{output}")
+    sample = next((line.split(" ", 1)[1] for line in output.splitlines()
+                   if line.startswith("BENCHSAMPLE ")), "").strip()
+    return Load(label, stats["requests"], stats["ok"], stats["non200"], stats["socket_errors"],
+                stats["timeouts"], stats["duration_us"] / 1e6, per_request,
+                stats["p50_us"] / 1e3, stats["p99_us"] / 1e3, server_busy,
+                (usage.ru_utime + usage.ru_stime) / wall, sample)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 client connection with one request outstanding at a time."""
+
+    def __init__(self, load: "_PythonLoad") -> None:
+        self.load = load
+        self.buffer = bytearray()
+        self.sent_at = 0.0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.send()
+
+    def send(self) -> None:
+        if self.load.stopping:
+            self.transport.close()
+            return
+        self.sent_at = time.perf_counter()
+        self.transport.write(self.load.next_request())
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(self.buffer[:end]).split(b"\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head[1:]
+                           if line.lower().startswith(b"content-length:")), 0)
+            if len(self.buffer) < end + 4 + length:
+                return
+            body = bytes(self.buffer[end + 4:end + 4 + length])
+            del self.buffer[:end + 4 + length]
+            self.load.answered(int(head[0].split()[1]), body, time.perf_counter() - self.sent_at)
+            self.send()
+
+    def connection_lost(self, exc) -> None:
+        if not self.load.stopping:
+            self.load.socket_errors += 1
+
+
+class _PythonLoad:
+    def __init__(self, port: int, path: str, per_request: int, pad: int) -> None:
+        self.port, self.path, self.per_request = port, path, per_request
+        self.pad = "x" * pad
+        self.n = 0
+        self.stopping = False
+        self.ok = self.non200 = self.socket_errors = 0
+        self.latencies: list[float] = []
+        self.bad_sample = ""
+
+    def _message(self) -> str:
+        self.n += 1
+        return f'{{"topic":"bench.t{self.n % TOPICS}","data":{{"n":{self.n},"pad":"{self.pad}"}}}}'
+
+    def next_request(self) -> bytes:
+        if self.path.endswith("/batch"):
+            body = ('{"messages":[' + ",".join(self._message() for _ in range(self.per_request)) + "]}").encode()
+        else:
+            body = self._message().encode()
+        return (f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+                f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+    def answered(self, status: int, body: bytes, latency: float) -> None:
+        if self.stopping:
+            return
+        self.latencies.append(latency)
+        if status == 200:
+            self.ok += 1
+        else:
+            self.non200 += 1
+            self.bad_sample = self.bad_sample or f"{status} {body[:300].decode(errors='replace')}"
+
+    async def run(self, connections: int, seconds: float) -> float:
+        loop = asyncio.get_running_loop()
+        transports = []
+        for _ in range(connections):
+            transport, _ = await loop.create_connection(lambda: _Connection(self), "127.0.0.1", self.port)
+            transports.append(transport)
+        started = time.perf_counter()
+        await asyncio.sleep(seconds)
+        self.stopping = True
+        elapsed = time.perf_counter() - started
+        for transport in transports:
+            transport.close()
+        return elapsed
+
+
+def run_python(label: str, server: Server, path: str, connections: int, seconds: int,
+               per_request: int, pad: int, workdir: Path) -> Load:
+    load = _PythonLoad(server.port, path, per_request, pad)
+    cpu_before = server.cpu_seconds()
+    usage_before = resource.getrusage(resource.RUSAGE_SELF)
+    wall_before = time.monotonic()
+    elapsed = asyncio.run(load.run(connections, seconds))
+    wall = time.monotonic() - wall_before
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    latencies = sorted(load.latencies) or [0.0]
+    return Load(label, load.ok + load.non200, load.ok, load.non200, load.socket_errors, 0, elapsed,
+                per_request, latencies[len(latencies) // 2] * 1e3, latencies[int(len(latencies) * 0.99)] * 1e3,
+                (server.cpu_seconds() - cpu_before) / wall,
+                (usage.ru_utime + usage.ru_stime - usage_before.ru_utime - usage_before.ru_stime) / wall,
+                load.bad_sample)
+
+
+def read_heads(port: int) -> dict[str, int]:
+    heads = {}
+    for i in range(TOPICS):
+        topic = f"bench.t{i}"
+        status, body = http("GET", f"http://127.0.0.1:{port}/api/topics/{topic}/messages?since=0&limit=1")
+        if status != 200:
+            raise SystemExit(f"GET /api/topics/{topic}/messages answered {status}: {body[:300]!r}")
+        heads[topic] = json.loads(body)["head"]
+    return heads
+
+
+def last_message(port: int, topic: str, head: int) -> dict | None:
+    status, body = http("GET", f"http://127.0.0.1:{port}/api/topics/{topic}/messages?since={head - 1}&limit=1")
+    messages = json.loads(body)["messages"] if status == 200 else []
+    return messages[0] if messages else None
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Durable publish benchmark: notifier against a no-op Tornado handler.")
+    parser.add_argument("--rounds", type=int, default=5, help="measured rounds per case (default 5)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per measured run (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load per case first (default 2)")
+    parser.add_argument("--connections", type=int, default=50, help="keep-alive clients for single publishes (default 50)")
+    parser.add_argument("--batch-size", type=int, default=100, help="messages per batch (default 100)")
+    parser.add_argument("--batch-clients", default="4,8", help="concurrent batch clients, comma-separated (default 4,8)")
+    parser.add_argument("--pad", type=int, default=100, help="bytes of padding in each message's data (default 100)")
+    parser.add_argument("--notifier", default=str(Path(sys.executable).parent / "notifier") + " serve",
+                        help="command that runs notifier (default: this venv's 'notifier serve')")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (database and logs)")
+    args = parser.parse_args()
+    batch_clients = [int(c) for c in args.batch_clients.split(",")]
+
+    if not {SERVER_CORE, CLIENT_CORE} <= os.sched_getaffinity(0):
+        raise SystemExit(f"needs cores {SERVER_CORE} and {CLIENT_CORE}: one for the server, one for the load")
+    if shutil.which("taskset") is None:
+        raise SystemExit("needs taskset (Debian: util-linux)")
+    if shutil.which("wrk"):
+        drive, client_name = run_wrk, "wrk " + subprocess.run(
+            ["wrk", "-v"], capture_output=True, text=True).stdout.split(" [")[0].removeprefix("wrk ").strip()
+    else:
+        drive, client_name = run_python, "Python asyncio fallback client (wrk not found: apt-get install wrk)"
+        os.sched_setaffinity(0, {CLIENT_CORE})
+        print("wrk not found: falling back to a Python asyncio client on core 1", file=sys.stderr)
+
+    workdir = Path(tempfile.mkdtemp(prefix="notifier-bench-"))
+    noop = start_noop(workdir)
+    notifier_command = args.notifier.split()
+    notifier = start_notifier(notifier_command, workdir)
+    totals = Totals()
+
+    def measure(server: Server, path: str, connections: int, per_request: int, seconds: float, label: str) -> Load:
+        load = drive(label, server, path, connections, seconds, per_request, args.pad, workdir)
+        if server is notifier:
+            totals.acked_messages += load.ok * per_request
+            totals.in_flight_bound += connections * per_request
+        if load.client_bound:
+            print(f"  !! {label}: the load generator used {load.client_busy:.0%} of its core", file=sys.stderr)
+        if not load.valid:
+            print(f"  !! {label}: {load.non200} non-200 answers, {load.socket_errors} socket errors, "
+                  f"{load.timeouts} timeouts; first bad answer: {load.bad_sample}", file=sys.stderr)
+        return load
+
+    cases = [("noop", noop, "/api/publish", args.connections, 1),
+             ("publish", notifier, "/api/publish", args.connections, 1)]
+    cases += [(f"batch c={c}", notifier, "/api/publish/batch", c, args.batch_size) for c in batch_clients]
+    results: dict[str, list[Load]] = {name: [] for name, *_ in cases}
+    try:
+        print(f"server core {SERVER_CORE}, load core {CLIENT_CORE}, load generator: {client_name}")
+        print(f"notifier: {' '.join(notifier_command)} (store {workdir / 'notifier.db'})")
+        print(f"{args.rounds} rounds x {args.duration:g} s per case, order reversed every other round; "
+              f"{args.warmup:g} s warm-up per case first\n")
+        for name, server, path, connections, per_request in cases:
+            measure(server, path, connections, per_request, args.warmup, f"warm-up {name}")
+        print(f"{'round':>5}  {'case':<12} {'msgs/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'server cpu':>10} {'load cpu':>8}  errors")
+        for round_no in range(1, args.rounds + 1):
+            order = cases if round_no % 2 else cases[::-1]
+            for name, server, path, connections, per_request in order:
+                load = measure(server, path, connections, per_request, args.duration, name)
+                results[name].append(load)
+                errors = load.non200 + load.socket_errors + load.timeouts
+                print(f"{round_no:>5}  {name:<12} {load.rate:>9,.0f} {load.p50_ms:>7.2f} {load.p99_ms:>7.2f} "
+                      f"{load.server_busy:>10.0%} {load.client_busy:>8.0%}  {errors}")
+
+        heads = read_heads(notifier.port)
+        sample = last_message(notifier.port, "bench.t0", heads["bench.t0"])
+        notifier.stop(signal.SIGKILL)
+        notifier = start_notifier(notifier_command, workdir, notifier.port)
+        heads_after_kill = read_heads(notifier.port)
+    finally:
+        noop.stop()
+        notifier.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    valid = all(load.valid and not load.client_bound for loads in results.values() for load in loads)
+    noop_rate = median([r.rate for r in results["noop"]])
+    publish_rate = median([r.rate for r in results["publish"]])
+    ratio = publish_rate / noop_rate if noop_rate else 0.0
+    stored = sum(heads.values())
+    durable = (totals.acked_messages <= stored <= totals.acked_messages + totals.in_flight_bound
+               and heads_after_kill == heads)
+
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok and valid and durable else "FAIL"
+
+    print(f"\nmedians of {args.rounds} rounds of {args.duration:g} s; {args.connections} keep-alive clients "
+          f"for single publishes, batches of {args.batch_size}")
+    print(f"{'measure':<44} {'median':>10} {'goal':>10}  result")
+    print(f"{'no-op Tornado POST, requests/s':<44} {noop_rate:>10,.0f} {'':>10}")
+    print(f"{'notifier durable publishes/s':<44} {publish_rate:>10,.0f} {'':>10}")
+    print(f"{'ratio notifier / no-op':<44} {ratio:>10.2f} {'>= ' + str(RATIO_GOAL):>10}  {verdict(ratio >= RATIO_GOAL)}")
+    for c in batch_clients:
+        rate = median([r.rate for r in results[f"batch c={c}"]])
+        print(f"{f'notifier batch messages/s, {c} clients':<44} {rate:>10,.0f} {f'>= {BATCH_GOAL:,}':>10}  "
+              f"{verdict(rate >= BATCH_GOAL)}")
+
+    print(f"\ndurability: {totals.acked_messages:,} messages acknowledged with 200 "
+          f"(warm-up included); heads of bench.t0..t{TOPICS - 1} add up to {stored:,} "
+          f"(at most {totals.in_flight_bound:,} more: messages in requests still in flight when a run stopped)")
+    print(f"after SIGKILL and restart the heads add up to {sum(heads_after_kill.values()):,}"
+          f" ({'unchanged' if heads_after_kill == heads else 'CHANGED: ' + repr(heads_after_kill)})")
+    if sample:
+        print(f"last stored message of bench.t0: seq {sample.get('seq')}, data.n {sample.get('data', {}).get('n')}, "
+              f"{len(json.dumps(sample.get('data')))} bytes of data")
+    if not valid:
+        print("NOT A VALID RUN: some answers were not 200, or the load generator was saturated (see above)")
+    if not durable:
+        print("NOT DURABLE: the stored heads do not account for every acknowledged message")
+    if drive is run_python:
+        print("load generator: the Python fallback client, not wrk")
+    return 0 if valid and durable else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

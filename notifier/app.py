@@ -1,0 +1,96 @@
+"""Wiring: the services one process shares, and every route."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import tornado.web
+
+from notifier import logs
+from notifier.auth import ApiKeys, TokenVerifier
+from notifier.broker.base import Broker
+from notifier.config import Config
+from notifier.handlers import api, health, ws
+from notifier.hub import Hub
+from notifier.messages import Message
+from notifier.metrics import Metrics
+from notifier.outbox import Flusher
+from notifier.publish import Publisher
+from notifier.ratelimit import TokenBucket
+from notifier.store.base import Store
+
+TOPIC = r"([^/]+)"
+
+
+@dataclass
+class Services:
+    config: Config
+    store: Store
+    broker: Broker
+    hub: Hub
+    publisher: Publisher
+    verifier: TokenVerifier
+    api_keys: ApiKeys
+    metrics: Metrics
+    flusher: Flusher = field(default_factory=Flusher)
+    log: Any = field(default_factory=logs.get)
+    draining: bool = False
+    publish_buckets: dict[str, TokenBucket] = field(default_factory=dict)
+
+
+def build_services(config: Config, store: Store, broker: Broker, jwt_secret: str) -> Services:
+    metrics = Metrics()
+    hub = Hub(config.limits.max_buffered_bytes, on_delivered=_delivery_observer(metrics))
+    broker.listen(hub.deliver)
+    if hasattr(store, "commit_observer"):
+        store.commit_observer = metrics.observe_commit
+    return Services(
+        config=config, store=store, broker=broker, hub=hub,
+        publisher=Publisher(store, broker),
+        verifier=TokenVerifier(config.auth, jwt_secret),
+        api_keys=ApiKeys(config.auth.api_keys),
+        metrics=metrics,
+    )
+
+
+def _delivery_observer(metrics: Metrics):
+    def observe(message: Message, sent: int) -> None:
+        metrics.delivered.inc(sent)
+    return observe
+
+
+def _log_request(handler: tornado.web.RequestHandler) -> None:
+    # Tornado's default access line includes the query string, where a
+    # WebSocket token may be: log the path only.
+    request = handler.request
+    status = handler.get_status()
+    log = logs.get("notifier.access")
+    emit = log.info if status < 400 else log.warning if status < 500 else log.error
+    emit("http.request", method=request.method, path=request.path, status=status,
+         duration_ms=round(request.request_time() * 1000, 2), ip=request.remote_ip)
+
+
+def make_app(services: Services) -> tornado.web.Application:
+    args = {"services": services}
+    config = services.config
+    return tornado.web.Application(
+        [
+            (r"/ws", ws.SocketHandler, args),
+            (r"/api/publish", api.PublishHandler, args),
+            (r"/api/publish/batch", api.BatchPublishHandler, args),
+            (rf"/api/topics/{TOPIC}/messages", api.HistoryHandler, args),
+            (rf"/api/topics/{TOPIC}/presence", api.PresenceHandler, args),
+            (r"/api/users/([^/]+)/disconnect", api.DisconnectHandler, args),
+            (r"/api/stats", api.StatsHandler, args),
+            (r"/healthz", health.HealthHandler, args),
+            (r"/readyz", health.ReadyHandler, args),
+            (r"/metrics", health.MetricsHandler, args),
+        ],
+        default_handler_class=api.NotFoundHandler,
+        default_handler_args=args,
+        log_function=_log_request,
+        # Frames above this close the socket with 1009 (SPEC: limit + 4 KiB).
+        websocket_max_message_size=config.limits.max_message_bytes + 4096,
+        compress_response=False,
+    )

@@ -1,0 +1,158 @@
+"""Who may connect and what they may do: JWTs for WebSocket clients, API keys
+for backend services. Algorithms are pinned by config; ``alg: none`` and any
+algorithm not listed are refused by PyJWT itself.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+
+from notifier.config import AuthConfig
+from notifier.topics import is_valid_pattern, is_valid_user, matches_any, owner_of, personal_topic
+
+
+class AuthError(Exception):
+    """A token that cannot be accepted; the message says why, never the token."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An authenticated WebSocket user and the claims that bound them."""
+
+    user: str
+    expires: int
+    topics: tuple[str, ...] = ()
+    publish: tuple[str, ...] = ()
+
+    @property
+    def personal_topic(self) -> str:
+        return personal_topic(self.user)
+
+    def can_subscribe(self, topic: str) -> bool:
+        owner = owner_of(topic)
+        if owner is not None and owner != self.user:
+            return False  # personal topics stay private whatever the claims say
+        return topic == self.personal_topic or matches_any(self.topics, topic)
+
+    def can_publish(self, topic: str) -> bool:
+        return matches_any(self.publish, topic)
+
+
+def _patterns(claims: dict, name: str) -> tuple[str, ...]:
+    value = claims.get(name, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(is_valid_pattern(p) for p in value):
+        raise AuthError(f"claim '{name}' must be a list of topic patterns")
+    return tuple(value)
+
+
+class TokenVerifier:
+    """Verifies JWTs against the configured key and pinned algorithms."""
+
+    def __init__(self, config: AuthConfig, secret: str):
+        self.algorithms = list(config.jwt_algorithms)
+        if config.jwt_public_key_file:
+            self.key: str | bytes = Path(config.jwt_public_key_file).read_bytes()
+        else:
+            self.key = secret
+        self.audience = config.audience or None
+        self.issuer = config.issuer or None
+
+    def verify(self, token: str) -> Identity:
+        required = ["sub", "exp"]
+        if self.audience:
+            required.append("aud")
+        if self.issuer:
+            required.append("iss")
+        try:
+            claims = jwt.decode(
+                token, self.key, algorithms=self.algorithms, audience=self.audience,
+                issuer=self.issuer, options={"require": required},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError(f"token lacks the '{exc.claim}' claim") from None
+        except jwt.InvalidAlgorithmError:
+            raise AuthError("token algorithm not allowed") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError("token signature invalid") from None
+        except jwt.InvalidAudienceError:
+            raise AuthError("token audience invalid") from None
+        except jwt.InvalidIssuerError:
+            raise AuthError("token issuer invalid") from None
+        except jwt.InvalidTokenError:
+            raise AuthError("token malformed") from None
+        user = claims["sub"]
+        if not is_valid_user(user):
+            raise AuthError("token 'sub' is not usable in a topic name")
+        return Identity(
+            user=user,
+            expires=int(claims["exp"]),
+            topics=_patterns(claims, "topics"),
+            publish=_patterns(claims, "publish"),
+        )
+
+
+def mint_token(secret: str, algorithm: str, user: str, topics: list[str], publish: list[str],
+               ttl: float, audience: str = "", issuer: str = "") -> str:
+    """A signed token for ``user``; only for symmetric (HS*) algorithms."""
+    now = int(time.time())
+    claims: dict = {"sub": user, "iat": now, "exp": now + int(ttl)}
+    if topics:
+        claims["topics"] = topics
+    if publish:
+        claims["publish"] = publish
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
+    return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+class ApiKeys:
+    """The bearer keys accepted by the HTTP API; replaceable at run time (SIGHUP)."""
+
+    def __init__(self, keys: list[str]):
+        self.keys = [key.encode() for key in keys]
+
+    def accepts(self, authorization: str | None) -> bool:
+        if not authorization or not authorization.startswith("Bearer "):
+            return False
+        given = authorization[len("Bearer "):].strip().encode()
+        # Compare against every key so timing says nothing about which one is close.
+        found = False
+        for key in self.keys:
+            found |= hmac.compare_digest(given, key)
+        return found
+
+
+@dataclass(frozen=True)
+class DevCredentials:
+    jwt_secret: str
+    api_key: str
+    path: Path
+
+
+def development_credentials(state_dir: Path) -> DevCredentials:
+    """A JWT secret and API key for running with no config, kept across restarts
+    in the state directory (mode 0600) so minted tokens stay valid."""
+    path = state_dir / "dev-credentials.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+        return DevCredentials(stored["jwt_secret"], stored["api_key"], path)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    values = {"jwt_secret": secrets.token_urlsafe(32), "api_key": "dev-" + secrets.token_urlsafe(18)}
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump(values, handle)
+    return DevCredentials(values["jwt_secret"], values["api_key"], path)

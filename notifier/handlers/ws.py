@@ -1,0 +1,333 @@
+"""``GET /ws``: one WebSocket connection, speaking notifier's protocol.
+
+Authentication happens before the upgrade (HTTP 401 with a JSON body). After
+it, each client frame is parsed by ``protocol``, run by one ``_on_<command>``
+method, and answered; Tornado awaits each ``on_message`` before reading the
+next frame, so one connection's commands run in order.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import orjson
+import tornado.websocket
+from tornado.iostream import StreamBufferFullError
+
+from notifier import protocol
+from notifier.auth import AuthError, Identity
+from notifier.frames import text_frame
+from notifier.messages import Draft
+from notifier.outbox import Outbox
+from notifier.protocol import ProtocolError
+from notifier.ratelimit import TokenBucket
+from notifier.store.base import SeqAboveHead, StoreError
+
+if TYPE_CHECKING:
+    from notifier.app import Services
+
+REPLAY_PAGE = 500
+# A replay waits for the socket once this much is queued, so history of any
+# length streams through a bounded buffer instead of tripping the 4009 limit.
+REPLAY_DRAIN_BYTES = 64 * 1024
+
+
+class SocketHandler(tornado.websocket.WebSocketHandler):
+    def initialize(self, services: "Services") -> None:
+        self.services = services
+        self.config = services.config
+        self.identity: Identity | None = None
+        self.outbox: Outbox | None = None
+        self.id = uuid.uuid4().hex[:16]
+        self.user = ""
+        self.compressed = False
+        self.refused_in_a_row = 0
+
+    # Handshake
+
+    def _token(self) -> str | None:
+        header = self.request.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            return header[len("Bearer "):].strip() or None
+        return self.get_query_argument("token", None) or None
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        self.services.metrics.errors.labels(code).inc()
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(orjson.dumps({"error": {"code": code, "message": message}}))
+
+    async def get(self, *args, **kwargs) -> None:
+        if self.services.draining:
+            return self._refuse(503, "unavailable", "server is shutting down")
+        token = self._token()
+        if token is None:
+            return self._refuse(401, "unauthorized", "missing token")
+        try:
+            self.identity = self.services.verifier.verify(token)
+        except AuthError as exc:
+            self.services.log.info("connection.refused", reason=str(exc), ip=self.request.remote_ip)
+            return self._refuse(401, "unauthorized", str(exc))
+        await super().get(*args, **kwargs)
+
+    def check_origin(self, origin: str) -> bool:
+        # Decided in open() instead, so a refused browser sees close code 4003.
+        return True
+
+    def _origin_allowed(self) -> bool:
+        origin = self.request.headers.get("Origin")
+        if origin is None:
+            return True  # not a browser
+        allowed = self.config.server.allowed_origins
+        if "*" in allowed or origin.rstrip("/") in allowed:
+            return True
+        return urlsplit(origin).netloc.lower() == self.request.host.lower()
+
+    def get_compression_options(self) -> dict | None:
+        # Off by default: uncompressed frames are built once and shared by all.
+        return {} if self.config.server.compression else None
+
+    # Lifecycle
+
+    async def open(self, *args, **kwargs) -> None:
+        assert self.identity is not None
+        services = self.services
+        self.user = self.identity.user
+        self.opened = time.monotonic()
+        self.last_seen = self.opened
+        self.ping_sent_at: float | None = None
+        self.bucket = TokenBucket(self.config.limits.commands_per_second,
+                                  self.config.limits.commands_burst)
+        stream = self.ws_connection.stream
+        self.outbox = Outbox(stream, self.config.limits.max_buffered_bytes,
+                             services.flusher, self._on_overflow)
+        # A negotiated permessage-deflate context is per connection: such a
+        # client cannot share pre-built frames.
+        self.compressed = getattr(self.ws_connection, "_compressor", None) is not None
+        if not self._origin_allowed():
+            services.log.info("connection.refused", reason="origin not allowed",
+                              origin=self.request.headers.get("Origin"))
+            self.close(protocol.CLOSE_FORBIDDEN, "origin not allowed")
+            return
+        self.set_nodelay(True)
+        services.hub.add(self)
+        services.metrics.connections.inc()
+        services.log.info("connection.open", conn=self.id, user=self.user,
+                          ip=self.request.remote_ip)
+        self.send(protocol.welcome(self.id, self.user, self.config.heartbeat.interval,
+                                   self.identity.expires))
+        # The offline queue: the personal topic from the stored cursor, else
+        # from the oldest retained message.
+        await self._subscribe(self.identity.personal_topic, None, None, default_since=0)
+
+    def on_close(self) -> None:
+        services = self.services
+        if self.outbox is not None:
+            self.outbox.discard()
+        if self in services.hub.peers:
+            services.hub.remove(self)
+            services.metrics.connections.dec()
+            services.log.info(
+                "connection.close", conn=self.id, user=self.user,
+                code=self.close_code, reason=self.close_reason,
+                duration=round(time.monotonic() - self.opened, 3),
+            )
+
+    def on_pong(self, data: bytes) -> None:
+        self.last_seen = time.monotonic()
+        self.ping_sent_at = None
+
+    def send_ping(self) -> None:
+        try:
+            self.ping(b"")
+        except (tornado.websocket.WebSocketClosedError, StreamBufferFullError):
+            pass  # closing already, or so far behind that 4009 is on its way
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Close after what is already queued (replies, messages) went out."""
+        if self.outbox is not None:
+            self.outbox.flush()
+            self.outbox.discard()
+        self.close(code, reason)
+
+    # Sending
+
+    def send(self, payload: bytes) -> None:
+        self.send_frame(text_frame(payload) if not self.compressed else b"", payload)
+
+    def send_frame(self, frame: bytes, payload: bytes) -> None:
+        if self.compressed:
+            try:
+                self.ws_connection.write_message(payload)
+            except tornado.websocket.WebSocketClosedError:
+                pass
+            except StreamBufferFullError:
+                self.slow_consumer()
+            return
+        self.outbox.send(frame)
+
+    def slow_consumer(self) -> None:
+        self.outbox.overflow()
+
+    def _on_overflow(self) -> None:
+        services = self.services
+        services.metrics.slow_consumers.inc()
+        services.log.warning("connection.slow_consumer", conn=self.id, user=self.user)
+        if self.ws_connection is not None and self.ws_connection.stream is not None:
+            self.ws_connection.stream.max_write_buffer_size = None
+        self.close(protocol.CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    def _error(self, error: ProtocolError) -> None:
+        self.services.metrics.errors.labels(error.code).inc()
+        self.send(error.payload())
+
+    # Commands
+
+    async def on_message(self, message: str | bytes) -> None:
+        self.last_seen = time.monotonic()
+        self.ping_sent_at = None
+        command = protocol.parse(message, self.config.limits.max_message_bytes)
+        if not self.bucket.take():
+            self.refused_in_a_row += 1
+            if self.refused_in_a_row > self.config.limits.commands_burst:
+                self.services.log.warning("connection.rate_limited", conn=self.id, user=self.user)
+                self.close_with(protocol.CLOSE_RATE_LIMITED, "rate limited")
+                return
+            ref = None if isinstance(command, ProtocolError) else command.ref
+            self._error(ProtocolError(protocol.RATE_LIMITED, "too many commands; slow down", ref))
+            return
+        self.refused_in_a_row = 0
+        if isinstance(command, ProtocolError):
+            self._error(command)
+            return
+        handler = getattr(self, "_on_" + type(command).__name__.lower())
+        await handler(command)
+
+    async def _on_subscribe(self, command: protocol.Subscribe) -> None:
+        if not self.identity.can_subscribe(command.topic):
+            self._error(ProtocolError(protocol.FORBIDDEN,
+                                      f"not allowed to subscribe to {command.topic}", command.ref))
+            return
+        await self._subscribe(command.topic, command.since, command.ref)
+
+    async def _subscribe(self, topic: str, since: int | None, ref, default_since: int | None = None) -> None:
+        """Subscribe, replay from ``since`` (else the stored cursor, else
+        ``default_since``; None means live only), then go live."""
+        services = self.services
+        hub = services.hub
+        # Register first: anything committed from here on is parked, anything
+        # committed before is in the reads below; seqs sort out the overlap.
+        subscription = hub.subscribe(self, topic)
+        try:
+            if since is None:
+                since = await services.store.get_cursor(self.user, topic)
+                if since is None:
+                    since = default_since
+            live_only = since is None
+            page = await services.store.read_since(topic, 0 if live_only else since,
+                                                   0 if live_only else REPLAY_PAGE)
+        except StoreError as exc:
+            hub.unsubscribe(self, topic)
+            services.log.error("store.read_failed", topic=topic, error=str(exc))
+            self._error(ProtocolError(protocol.BAD_REQUEST, "history is unavailable; retry", ref))
+            return
+        if not hub.is_current(subscription):
+            return
+        if live_only:
+            subscription.last_seq = page.head
+            self.send(protocol.subscribed(topic, page.head, page.epoch, True, ref))
+            hub.go_live(subscription)
+            return
+        # Nothing lost when every seq after ``since`` up to the head is retained.
+        recovered = since <= page.head and (since >= page.head or since + 1 >= page.oldest)
+        if since > page.head:
+            since = 0  # the log was reset under the client: start from the oldest retained
+            page = await services.store.read_since(topic, 0, REPLAY_PAGE)
+            if not hub.is_current(subscription):
+                return
+        self.send(protocol.subscribed(topic, page.head, page.epoch, recovered, ref))
+        await self._replay(subscription, page.messages)
+        if hub.is_current(subscription):
+            hub.go_live(subscription)
+
+    async def _replay(self, subscription, messages) -> None:
+        store = self.services.store
+        while messages:
+            for message in messages:
+                if message.seq > subscription.last_seq:
+                    subscription.last_seq = message.seq
+                    self.send(message.payload())
+            if len(messages) < REPLAY_PAGE:
+                return
+            if self.outbox.buffered() >= REPLAY_DRAIN_BYTES or self.ws_connection.stream.writing():
+                await self.outbox.drain()
+            if not self.services.hub.is_current(subscription):
+                return
+            page = await store.read_since(subscription.topic, subscription.last_seq, REPLAY_PAGE)
+            if not self.services.hub.is_current(subscription):
+                return
+            messages = page.messages
+
+    async def _on_unsubscribe(self, command: protocol.Unsubscribe) -> None:
+        self.services.hub.unsubscribe(self, command.topic)
+        self.send(protocol.unsubscribed(command.topic, command.ref))
+
+    async def _on_ack(self, command: protocol.Ack) -> None:
+        if not self.identity.can_subscribe(command.topic):
+            self._error(ProtocolError(protocol.FORBIDDEN,
+                                      f"not allowed to ack on {command.topic}", command.ref))
+            return
+        try:
+            await self.services.store.set_cursor(self.user, command.topic, command.seq)
+        except SeqAboveHead as exc:
+            self._error(ProtocolError(protocol.BAD_REQUEST, str(exc), command.ref))
+        except StoreError as exc:
+            self.services.log.error("store.cursor_failed", topic=command.topic, error=str(exc))
+            self._error(ProtocolError(protocol.BAD_REQUEST, "ack not stored; retry", command.ref))
+
+    async def _on_publish(self, command: protocol.Publish) -> None:
+        services = self.services
+        if not self.identity.can_publish(command.topic):
+            self._error(ProtocolError(protocol.FORBIDDEN,
+                                      f"not allowed to publish to {command.topic}", command.ref))
+            return
+        draft = Draft(command.topic, command.data, command.event)
+        if command.ephemeral:
+            message = services.publisher.publish_ephemeral(draft)
+            services.metrics.published.labels("ws", "ephemeral").inc()
+            self.send(protocol.published(command.topic, None, message.id, command.ref))
+            return
+        try:
+            (receipt,) = await services.publisher.publish([draft])
+        except StoreError as exc:
+            services.log.error("publish.failed", topic=command.topic, error=str(exc))
+            self._error(ProtocolError(protocol.BAD_REQUEST, "not stored; retry", command.ref))
+            return
+        services.metrics.published.labels("ws", "stored").inc()
+        services.log.info("publish", path="ws", topic=receipt.topic, seq=receipt.seq,
+                           id=receipt.id, conn=self.id, user=self.user)
+        self.send(protocol.published(receipt.topic, receipt.seq, receipt.id, command.ref))
+
+    async def _on_ping(self, command: protocol.Ping) -> None:
+        self.send(protocol.pong(command.ref))
+
+    async def _on_auth(self, command: protocol.Auth) -> None:
+        try:
+            identity = self.services.verifier.verify(command.token)
+        except AuthError as exc:
+            self._error(ProtocolError(protocol.UNAUTHORIZED, str(exc), command.ref))
+            return
+        if identity.user != self.user:
+            self._error(ProtocolError(protocol.UNAUTHORIZED,
+                                      "token is for another user", command.ref))
+            return
+        self.identity = identity
+        hub = self.services.hub
+        for topic in hub.topics_of(self):
+            if not identity.can_subscribe(topic):
+                hub.unsubscribe(self, topic)
+                self.send(protocol.unsubscribed(topic))
+        self.send(protocol.authenticated(identity.expires, command.ref))

@@ -1,0 +1,60 @@
+"""The values that flow from publish to delivery: a draft before it is stored,
+a message after."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A message to publish. ``data`` is already-serialized compact JSON."""
+
+    topic: str
+    data: bytes
+    event: str | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A published message. ``seq`` is None for ephemeral messages (never stored)."""
+
+    topic: str
+    seq: int | None
+    id: str
+    time: str
+    event: str | None
+    data: bytes
+
+    def payload(self) -> bytes:
+        """The ``message`` frame's JSON, built from the pre-serialized parts."""
+        return b"".join((
+            b'{"type":"message","topic":', orjson.dumps(self.topic),
+            b',"seq":', b"null" if self.seq is None else str(self.seq).encode(),
+            b',"id":"', self.id.encode(),
+            b'","time":"', self.time.encode(),
+            b'","event":', orjson.dumps(self.event),
+            b',"data":', self.data, b"}",
+        ))
+
+    def as_dict(self) -> dict:
+        return {
+            "topic": self.topic, "seq": self.seq, "id": self.id, "time": self.time,
+            "event": self.event, "data": orjson.Fragment(self.data),
+        }
+
+
+def new_id() -> str:
+    """A unique, roughly time-ordered id: 12 hex digits of ms time, 12 random."""
+    return f"{int(time.time() * 1000):012x}{os.urandom(6).hex()}"
+
+
+def rfc3339(timestamp: float) -> str:
+    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

@@ -1,0 +1,106 @@
+"""Outgoing bytes of each WebSocket connection.
+
+Frames queued for a connection during one event-loop turn leave in one write
+at the end of that turn. When the socket has room, the write is one ``send``
+syscall and nothing is buffered; otherwise Tornado's IOStream keeps the rest,
+capped at ``limit`` bytes: past that the connection is a slow consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
+
+
+class Flusher:
+    """Flushes every outbox that got frames this loop turn, once, at its end."""
+
+    def __init__(self) -> None:
+        self._dirty: list["Outbox"] = []
+        self._scheduled = False
+
+    def mark(self, outbox: "Outbox") -> None:
+        self._dirty.append(outbox)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush_all)
+
+    def flush_all(self) -> None:
+        self._scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for outbox in dirty:
+            outbox.flush()
+
+
+class Outbox:
+    def __init__(self, stream: IOStream, limit: int, flusher: Flusher,
+                 on_overflow: Callable[[], None]):
+        self.stream = stream
+        self.limit = limit
+        self.flusher = flusher
+        self.on_overflow = on_overflow
+        self.chunks: list[bytes] = []
+        self.closed = False
+        # Writing straight to the socket skips IOStream's Future-per-write; only
+        # sound for a plain (non-TLS) stream, where socket bytes are wire bytes.
+        self._direct = type(stream) is IOStream
+        # IOStream enforces the cap itself and raises StreamBufferFullError.
+        stream.max_write_buffer_size = limit
+        self._last_write: asyncio.Future | None = None
+
+    def send(self, frame: bytes) -> None:
+        if self.closed:
+            return
+        if not self.chunks:
+            self.flusher.mark(self)
+        self.chunks.append(frame)
+
+    def flush(self) -> None:
+        if self.closed or not self.chunks:
+            return
+        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks = []
+        stream = self.stream
+        if stream.closed():
+            return
+        if self._direct and not stream.writing():
+            try:
+                sent = stream.socket.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                # The peer is gone; let IOStream notice and run the close callbacks.
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        try:
+            self._last_write = stream.write(data)
+        except StreamBufferFullError:
+            self.overflow()
+        except StreamClosedError:
+            pass
+
+    async def drain(self) -> None:
+        """Flush now and wait until the socket took everything queued so far."""
+        self.flush()
+        if self.stream.writing() and self._last_write is not None:
+            try:
+                await self._last_write
+            except StreamClosedError:
+                pass
+
+    def buffered(self) -> int:
+        return sum(map(len, self.chunks))
+
+    def overflow(self) -> None:
+        self.discard()
+        # Room for the close frame: it queues behind what the client has not read.
+        self.stream.max_write_buffer_size = None
+        self.on_overflow()
+
+    def discard(self) -> None:
+        self.closed = True
+        self.chunks = []

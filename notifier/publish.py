@@ -1,0 +1,47 @@
+"""The one way in for messages, from HTTP and WebSocket alike:
+store (durable) -> broker -> every hub."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Sequence
+
+from notifier.broker.base import Broker
+from notifier.messages import Draft, Message, new_id, rfc3339
+from notifier.store.base import Receipt, Store
+
+
+class Publisher:
+    def __init__(self, store: Store, broker: Broker):
+        self.store = store
+        self.broker = broker
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def publish(self, drafts: Sequence[Draft]) -> list[Receipt]:
+        """Store ``drafts`` atomically; once durable, hand the new ones to the
+        broker. Nothing is awaited between the two, so the store's commit
+        order is the delivery order."""
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            result = await self.store.append(drafts)
+            if result.stored:
+                self.broker.publish(result.stored)
+            return result.receipts
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
+
+    def publish_ephemeral(self, draft: Draft) -> Message:
+        """Deliver live only: no seq, not stored."""
+        message = Message(draft.topic, None, new_id(), rfc3339(time.time()), draft.event, draft.data)
+        self.broker.publish([message])
+        return message
+
+    async def wait_idle(self) -> None:
+        """Return once no publish is between arriving and being answered."""
+        await self._idle.wait()

@@ -1,0 +1,186 @@
+"""Running the service: open the store, listen, tell systemd, and on SIGTERM
+drain (stop accepting, close clients with 1001, let in-flight publishes commit
+and answer) before exiting; SIGHUP reloads log level and keys."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import PeriodicCallback
+from tornado.netutil import bind_sockets
+
+from notifier import config as config_module
+from notifier import logs, protocol
+from notifier.app import Services, build_services, make_app
+from notifier.auth import ApiKeys, DevCredentials, TokenVerifier, development_credentials
+from notifier.broker.local import LocalBroker
+from notifier.config import Config, ConfigError
+from notifier.heartbeat import Heartbeat
+from notifier.sd_notify import SystemdNotifier
+from notifier.store.base import StoreError
+from notifier.store.sqlite import SQLiteStore
+
+STATUS_INTERVAL = 5.0
+# Tornado drops bodies past max_body_size without an answer; a margin above our
+# own limit lets slightly-too-large bodies get a proper JSON 413 instead.
+BODY_SLACK = 1024 * 1024
+
+
+@dataclass
+class Secrets:
+    jwt_secret: str
+    dev: DevCredentials | None
+
+
+def resolve_secrets(config: Config) -> Secrets:
+    """The JWT secret and API keys to use; with none configured, development
+    ones kept in the state directory (and the config is updated to use them)."""
+    uses_secret = any(a.startswith("HS") for a in config.auth.jwt_algorithms)
+    if config.auth.jwt_secret or not uses_secret:
+        return Secrets(config.auth.jwt_secret, None)
+    dev = development_credentials(config_module.state_directory())
+    if not config.auth.api_keys:
+        config.auth.api_keys = [dev.api_key]
+    return Secrets(dev.jwt_secret, dev)
+
+
+def store_path(config: Config) -> Path:
+    return Path(config.store.path) if config.store.path else (
+        config_module.state_directory() / "notifier.db")
+
+
+class Server:
+    def __init__(self, config: Config, config_path: str | None):
+        self.config = config
+        self.config_path = config_path
+        self.log = logs.get()
+        self.systemd = SystemdNotifier()
+        self.stop_requested = asyncio.Event()
+        self.services: Services | None = None
+
+    async def run(self) -> int:
+        config = self.config
+        secrets = resolve_secrets(config)
+        path = store_path(config)
+        store = SQLiteStore(path, config.retention.max_messages, config.retention.max_age)
+        try:
+            await store.open()
+        except StoreError as exc:
+            print(f"notifier: {exc}", file=sys.stderr)
+            return 1
+        services = self.services = build_services(config, store, LocalBroker(), secrets.jwt_secret)
+        self.secret = secrets.jwt_secret
+        http = HTTPServer(make_app(services), xheaders=config.server.xheaders,
+                          max_body_size=config.limits.max_body_bytes + BODY_SLACK)
+        try:
+            sockets = bind_sockets(config.server.port, config.server.host)
+        except OSError as exc:
+            print(f"notifier: cannot listen on {config.server.host}:{config.server.port}: "
+                  f"{exc.strerror}", file=sys.stderr)
+            await store.close()
+            return 1
+        http.add_sockets(sockets)
+        port = sockets[0].getsockname()[1]
+        heartbeat = Heartbeat(lambda: services.hub.peers, config.heartbeat.interval,
+                              config.heartbeat.timeout)
+        heartbeat.start()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        timers = [PeriodicCallback(self.report_status, STATUS_INTERVAL * 1000)]
+        watchdog = self.systemd.watchdog_interval()
+        if watchdog:
+            # Sent from the event loop itself: a stuck loop stops the pings.
+            timers.append(PeriodicCallback(self.systemd.watchdog, watchdog * 1000))
+        for timer in timers:
+            timer.start()
+        self.log.info("server.started", host=config.server.host, port=port, store=str(path),
+                      backend="sqlite", pid=os.getpid())
+        if secrets.dev is not None:
+            _print_dev_banner(config, port, secrets.dev)
+        self.systemd.ready()
+        self.report_status()
+        self.systemd.watchdog()
+
+        await self.stop_requested.wait()
+
+        self.systemd.stopping()
+        self.log.info("server.draining", connections=len(services.hub.peers),
+                      in_flight=services.publisher.in_flight)
+        services.draining = True
+        http.stop()  # no new connections
+        for peer in list(services.hub.peers):
+            peer.close_with(protocol.CLOSE_GOING_AWAY, "server shutting down")
+        try:
+            await asyncio.wait_for(services.publisher.wait_idle(), config.server.drain_timeout)
+        except asyncio.TimeoutError:
+            self.log.error("server.drain_timeout", in_flight=services.publisher.in_flight)
+        # Give answers and close frames a moment to leave, then hang up.
+        try:
+            await asyncio.wait_for(http.close_all_connections(), 1.0)
+        except asyncio.TimeoutError:
+            pass
+        for timer in timers:
+            timer.stop()
+        heartbeat.stop()
+        await store.close()
+        self.log.info("server.stopped")
+        return 0
+
+    def report_status(self) -> None:
+        hub = self.services.hub
+        self.systemd.status(f"{len(hub.peers)} connections, {len(hub.topics)} topics, "
+                            f"{hub.messages_in} messages in, {hub.messages_out} out")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read config and apply what can change at run time."""
+        self.systemd.reloading()
+        try:
+            fresh = config_module.load(self.config_path)
+        except ConfigError as exc:
+            self.log.error("config.reload_failed", error=str(exc))
+            self.systemd.ready()
+            return
+        services = self.services
+        if not fresh.auth.jwt_secret and any(a.startswith("HS") for a in fresh.auth.jwt_algorithms):
+            fresh.auth.jwt_secret = self.secret  # still the development secret
+        if not fresh.auth.api_keys:
+            fresh.auth.api_keys = services.config.auth.api_keys
+        logs.configure(fresh.log.level)
+        services.config.log.level = fresh.log.level
+        services.config.auth = fresh.auth
+        services.api_keys = ApiKeys(fresh.auth.api_keys)
+        services.verifier = TokenVerifier(fresh.auth, fresh.auth.jwt_secret)
+        self.log.info("config.reloaded", log_level=fresh.log.level,
+                      api_keys=len(fresh.auth.api_keys))
+        self.systemd.ready()
+
+
+def _print_dev_banner(config: Config, port: int, dev: DevCredentials) -> None:
+    host = config.server.host
+    key = config.auth.api_keys[0]
+    print(
+        f"""
+notifier is running with development credentials (no auth.jwt_secret configured);
+they are kept in {dev.path} and are not for production.
+
+  mint a token:   .venv/bin/notifier token --user alice
+  subscribe:      .venv/bin/notifier subscribe user:alice
+                  (or open ws://{host}:{port}/ws?token=<token> from any WebSocket client)
+  publish:        curl -H 'Authorization: Bearer {key}' \\
+                       -d '{{"user":"alice","data":{{"hello":"world"}}}}' http://{host}:{port}/api/publish
+""",
+        file=sys.stderr, flush=True,
+    )
+
+
+def serve(config: Config, config_path: str | None) -> int:
+    logs.configure(config.log.level)
+    return asyncio.run(Server(config, config_path).run())

@@ -1,0 +1,96 @@
+"""The Store: where published messages and users' cursors live.
+
+Every implementation keeps, per topic, an append-only log numbered by ``seq``
+(1, 2, 3, ... with no gaps as assigned), an ``epoch`` that changes only when
+the whole log is reset, per-(user, topic) cursors, idempotency keys and
+retention. The same contract tests run against every implementation.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+from notifier.messages import Draft, Message
+
+IDEMPOTENCY_WINDOW = 24 * 3600.0
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message is one line for humans."""
+
+
+class SeqAboveHead(StoreError):
+    """An ack named a seq the topic has not reached."""
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """The answer to one published draft: what a publisher is told."""
+
+    topic: str
+    seq: int
+    id: str
+    time: str
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "topic": self.topic, "seq": self.seq, "time": self.time}
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    receipts: list[Receipt]   # one per draft, in the drafts' order
+    stored: list[Message]     # the drafts actually stored now (not repeats), in seq order
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A slice of one topic's log."""
+
+    messages: list[Message]
+    head: int      # the topic's last assigned seq (0 for a topic never published to)
+    epoch: str
+    oldest: int    # the lowest retained seq, or head + 1 when nothing is retained
+
+
+class Store(ABC):
+    @abstractmethod
+    async def open(self) -> None:
+        """Open or create the store; raise StoreError (one line) if it is unusable.
+        An existing store that cannot be read is never overwritten."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Finish pending writes, then release resources."""
+
+    @abstractmethod
+    async def append(self, drafts: Sequence[Draft]) -> AppendResult:
+        """Store ``drafts`` as one atomic unit: all of them or none (StoreError).
+
+        Each stored draft gets its topic's next seq, in the drafts' order. The
+        returned awaitable resolves only once the data is durable (fsynced).
+        A draft whose ``idempotency_key`` was already used for its topic within
+        IDEMPOTENCY_WINDOW, or earlier in the same call, is not stored: its
+        receipt is the first one. Concurrent appends resolve in commit order,
+        in one event-loop callback per commit, so a caller that hands
+        ``stored`` on without awaiting anything else delivers in seq order.
+        """
+
+    @abstractmethod
+    async def read_since(self, topic: str, since: int, limit: int) -> History:
+        """Retained messages of ``topic`` with seq > ``since``, oldest first, at
+        most ``limit``; head, epoch and oldest are read in the same snapshot."""
+
+    @abstractmethod
+    async def get_cursor(self, user: str, topic: str) -> int | None:
+        """The last seq ``user`` acked on ``topic``, or None."""
+
+    @abstractmethod
+    async def set_cursor(self, user: str, topic: str, seq: int) -> None:
+        """Move the cursor forward to ``seq`` (an older seq is ignored); durable
+        when it resolves. SeqAboveHead if ``seq`` exceeds the topic's head."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Return when the store answers; raise StoreError otherwise."""
