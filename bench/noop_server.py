@@ -28,10 +28,10 @@ class NoopPublishHandler(tornado.web.RequestHandler):
         seq = next(self._seqs)
         self.set_header("Content-Type", "application/json")
         self.finish(orjson.dumps({
-            "id": f"{os.getpid():x}-{seq:x}",
+            "id": f"{os.getpid():08x}{seq:016x}",
             "topic": body.get("topic"),
             "seq": seq,
-            "time": datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         }))
 
 

@@ -1,0 +1,47 @@
+"""Shared fixtures: a real notifier app on a free loopback port (via
+pytest-tornasync's ``http_server``), on a real SQLite file, and real
+WebSocket clients that speak JSON."""
+
+from __future__ import annotations
+
+import pytest
+
+from notifier.app import build_services, make_app
+from notifier.broker.local import LocalBroker
+from notifier.config import Config
+from notifier.store.sqlite import SQLiteStore
+from support import API_KEY, SECRET
+
+
+def pytest_collection_modifyitems(config, items):
+    # Every test here talks to real sockets: bound them so a hang fails fast.
+    if config.option.async_test_timeout is None:
+        config.option.async_test_timeout = 30
+
+
+@pytest.fixture
+def config(tmp_path) -> Config:
+    config = Config()
+    config.auth.jwt_secret = SECRET
+    config.auth.api_keys = [API_KEY]
+    config.store.path = str(tmp_path / "notifier.db")
+    return config
+
+
+@pytest.fixture
+def services(io_loop, config):
+    store = SQLiteStore(config.store.path, config.retention.max_messages, config.retention.max_age)
+    io_loop.run_sync(store.open)
+    services = build_services(config, store, LocalBroker(), config.auth.jwt_secret)
+    yield services
+    io_loop.run_sync(store.close)
+
+
+@pytest.fixture
+def app(services):
+    return make_app(services)
+
+
+@pytest.fixture
+def port(http_server, http_server_port) -> int:
+    return http_server_port[1]

@@ -1,0 +1,106 @@
+"""Helpers for tests: tokens, a JSON WebSocket client, and an HTTP API caller,
+all talking to a real server over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from urllib.parse import quote
+
+import orjson
+import tornado.httpclient
+import tornado.websocket
+
+from notifier.auth import mint_token
+
+SECRET = "test-secret-" + "x" * 32
+API_KEY = "test-api-key"
+RECEIVE_TIMEOUT = 5.0
+
+
+def token(user: str = "alice", topics=("news.>",), publish=(), ttl: float = 3600,
+          secret: str = SECRET, **extra) -> str:
+    return mint_token(secret, "HS256", user, list(topics), list(publish), ttl, **extra)
+
+
+class Client:
+    """A real WebSocket client that sends and receives JSON objects."""
+
+    def __init__(self, connection: tornado.websocket.WebSocketClientConnection):
+        self.connection = connection
+
+    async def send(self, body) -> None:
+        text = body if isinstance(body, str) else orjson.dumps(body).decode()
+        await self.connection.write_message(text)
+
+    async def recv(self, timeout: float = RECEIVE_TIMEOUT) -> dict | None:
+        """The next frame as a dict, or None when the server closed."""
+        frame = await asyncio.wait_for(self.connection.read_message(), timeout)
+        return None if frame is None else orjson.loads(frame)
+
+    async def expect(self, kind: str, timeout: float = RECEIVE_TIMEOUT) -> dict:
+        frame = await self.recv(timeout)
+        assert frame is not None, f"closed ({self.close_code}) while waiting for {kind}"
+        assert frame["type"] == kind, frame
+        return frame
+
+    async def nothing(self, within: float = 0.3) -> None:
+        """Assert no frame arrives within ``within`` seconds."""
+        try:
+            frame = await asyncio.wait_for(self.connection.read_message(), within)
+        except asyncio.TimeoutError:
+            return
+        raise AssertionError(f"unexpected frame {frame!r}")
+
+    async def closed(self, timeout: float = RECEIVE_TIMEOUT) -> int | None:
+        """Read until the server closes; return the close code."""
+        while True:
+            frame = await asyncio.wait_for(self.connection.read_message(), timeout)
+            if frame is None:
+                return self.close_code
+
+    @property
+    def close_code(self) -> int | None:
+        return self.connection.close_code
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+async def connect(port: int, jwt: str | None = None, *, welcome: bool = True,
+                  headers: dict | None = None, **kwargs) -> Client:
+    """Open /ws with ``jwt`` in the query; by default read the welcome and the
+    personal topic's ``subscribed`` frame."""
+    url = f"ws://127.0.0.1:{port}/ws"
+    if jwt is not None:
+        url += "?token=" + quote(jwt)
+    request = tornado.httpclient.HTTPRequest(url, headers=headers or {})
+    client = Client(await tornado.websocket.websocket_connect(request, **kwargs))
+    if welcome:
+        await client.expect("welcome")
+        await client.expect("subscribed")
+    return client
+
+
+async def api(port: int, method: str, path: str, body=None, key: str | None = API_KEY,
+              raw: bytes | None = None) -> tuple[int, dict]:
+    """Call the HTTP API; returns (status, JSON body) whatever the status."""
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    payload = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
+    if method == "POST" and payload is None:
+        payload = b""
+    client = tornado.httpclient.AsyncHTTPClient()
+    response = await client.fetch(f"http://127.0.0.1:{port}{path}", method=method,
+                                  headers=headers, body=payload, raise_error=False)
+    text = response.body or b""
+    try:
+        parsed = orjson.loads(text) if text else None
+    except orjson.JSONDecodeError:
+        parsed = {"raw": text.decode(errors="replace")}
+    return response.code, parsed
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
