@@ -1,0 +1,247 @@
+"""The hub as a data structure: subscriptions, parking during replay, fan-out
+of one shared frame, presence and the slow-consumer limit. Peers are small
+recording objects: no sockets are involved at this level."""
+
+from __future__ import annotations
+
+import orjson
+
+from notifier.frames import text_frame
+from notifier.hub import Hub
+from notifier.messages import Message
+
+
+class Peer:
+    def __init__(self, id: str, user: str):
+        self.id = id
+        self.user = user
+        self.frames: list[tuple[bytes, bytes]] = []
+        self.slow = 0
+
+    def send_frame(self, frame: bytes, payload: bytes) -> None:
+        self.frames.append((frame, payload))
+
+    def slow_consumer(self) -> None:
+        self.slow += 1
+
+    def seqs(self) -> list:
+        return [orjson.loads(payload)["seq"] for _, payload in self.frames]
+
+    def datas(self) -> list:
+        return [orjson.loads(payload)["data"] for _, payload in self.frames]
+
+
+def message(topic: str, seq: int | None, data=None) -> Message:
+    body = orjson.dumps(seq if data is None else data)
+    return Message(topic, seq, f"id-{topic}-{seq}", "2024-05-01T12:00:00.000Z", None, body)
+
+
+def hub_with(*peers: Peer, max_parked_bytes: int = 1 << 20, **kwargs) -> Hub:
+    hub = Hub(max_parked_bytes, **kwargs)
+    for peer in peers:
+        hub.add(peer)
+    return hub
+
+
+def live(hub: Hub, peer: Peer, topic: str, last_seq: int = 0):
+    subscription = hub.subscribe(peer, topic)
+    subscription.last_seq = last_seq
+    hub.go_live(subscription)
+    return subscription
+
+
+def test_subscribe_parks_while_replaying():
+    alice = Peer("c1", "alice")
+    hub = hub_with(alice)
+    subscription = hub.subscribe(alice, "news")
+    assert subscription.replaying is True
+    hub.deliver([message("news", 1), message("news", 2)])
+    assert alice.frames == []
+    assert [m.seq for m, _, _ in subscription.parked] == [1, 2]
+    assert subscription.parked_bytes == 2 * len(text_frame(message("news", 1).payload()))
+
+
+def test_go_live_releases_parked_after_last_seq_in_order():
+    alice = Peer("c1", "alice")
+    hub = hub_with(alice)
+    subscription = hub.subscribe(alice, "news")
+    hub.deliver([message("news", 3), message("news", 4), message("news", 5)])
+    subscription.last_seq = 3  # the replay already sent 1..3
+    hub.go_live(subscription)
+    assert subscription.replaying is False and subscription.parked_bytes == 0
+    assert alice.seqs() == [4, 5]
+    hub.deliver([message("news", 6)])
+    assert alice.seqs() == [4, 5, 6]
+
+
+def test_go_live_skips_seqs_already_seen():
+    alice = Peer("c1", "alice")
+    hub = hub_with(alice)
+    subscription = hub.subscribe(alice, "news")
+    hub.deliver([message("news", 1), message("news", 2)])
+    subscription.last_seq = 2
+    hub.go_live(subscription)
+    assert alice.frames == []
+    hub.deliver([message("news", 2), message("news", 1)])  # late duplicates
+    assert alice.frames == []
+    hub.deliver([message("news", 3)])
+    assert alice.seqs() == [3]
+
+
+def test_live_subscription_never_delivers_a_seq_twice_or_backwards():
+    alice = Peer("c1", "alice")
+    hub = hub_with(alice)
+    live(hub, alice, "news", last_seq=10)
+    hub.deliver([message("news", 9), message("news", 10), message("news", 11),
+                 message("news", 11), message("news", 12)])
+    assert alice.seqs() == [11, 12]
+
+
+def test_ephemeral_is_always_delivered():
+    alice = Peer("c1", "alice")
+    hub = hub_with(alice)
+    subscription = hub.subscribe(alice, "chat")
+    hub.deliver([message("chat", None, "typing"), message("chat", 5), message("chat", None, "x")])
+    subscription.last_seq = 5
+    hub.go_live(subscription)
+    assert alice.seqs() == [None, None]
+    assert alice.datas() == ["typing", "x"]
+    hub.deliver([message("chat", None, "again"), message("chat", None, "again")])
+    assert alice.datas() == ["typing", "x", "again", "again"]
+    assert subscription.last_seq == 5
+    hub.deliver([message("chat", 6)])
+    assert alice.seqs()[-1] == 6
+
+
+def test_one_frame_object_shared_by_all_peers():
+    peers = [Peer(f"c{i}", f"user{i}") for i in range(5)]
+    hub = hub_with(*peers)
+    for peer in peers:
+        live(hub, peer, "news")
+    sent = message("news", 1, {"headline": "hi"})
+    hub.deliver([sent])
+    first_frame, first_payload = peers[0].frames[0]
+    assert first_frame == text_frame(sent.payload())
+    assert first_payload == sent.payload()
+    for peer in peers[1:]:
+        assert len(peer.frames) == 1
+        assert peer.frames[0][0] is first_frame
+        assert peer.frames[0][1] is first_payload
+
+
+def test_parked_and_live_peers_share_the_frame():
+    early, late = Peer("c1", "alice"), Peer("c2", "bob")
+    hub = hub_with(early, late)
+    live(hub, early, "news")
+    subscription = hub.subscribe(late, "news")
+    hub.deliver([message("news", 1)])
+    hub.go_live(subscription)
+    assert late.frames[0][0] is early.frames[0][0]
+
+
+def test_only_subscribers_of_the_topic_get_it():
+    alice, bob = Peer("c1", "alice"), Peer("c2", "bob")
+    hub = hub_with(alice, bob)
+    live(hub, alice, "news")
+    live(hub, bob, "sport")
+    hub.deliver([message("news", 1), message("sport", 1), message("other", 1)])
+    assert alice.seqs() == [1] and orjson.loads(alice.frames[0][1])["topic"] == "news"
+    assert bob.seqs() == [1] and orjson.loads(bob.frames[0][1])["topic"] == "sport"
+
+
+def test_unsubscribe():
+    alice, bob = Peer("c1", "alice"), Peer("c2", "bob")
+    hub = hub_with(alice, bob)
+    live(hub, alice, "news")
+    live(hub, bob, "news")
+    assert hub.unsubscribe(alice, "news") is True
+    assert hub.unsubscribe(alice, "news") is False
+    assert hub.unsubscribe(alice, "never") is False
+    hub.deliver([message("news", 1)])
+    assert alice.frames == [] and bob.seqs() == [1]
+    assert hub.topics_of(alice) == [] and hub.topics_of(bob) == ["news"]
+    hub.unsubscribe(bob, "news")
+    assert "news" not in hub.topics
+    assert hub.subscription_count() == 0
+
+
+def test_subscribe_again_replaces_the_subscription():
+    alice = Peer("c1", "alice")
+    hub = hub_with(alice)
+    first = live(hub, alice, "news")
+    second = hub.subscribe(alice, "news")
+    assert hub.is_current(first) is False and hub.is_current(second) is True
+    assert hub.subscription_count() == 1
+    hub.deliver([message("news", 1)])
+    assert alice.frames == []  # parked on the new one, not sent by the old one
+    hub.go_live(second)
+    assert alice.seqs() == [1]
+
+
+def test_remove_drops_every_subscription():
+    alice, bob = Peer("c1", "alice"), Peer("c2", "bob")
+    hub = hub_with(alice, bob)
+    subscriptions = [live(hub, alice, topic) for topic in ("a", "b", "c")]
+    live(hub, bob, "a")
+    hub.remove(alice)
+    assert all(hub.is_current(s) is False for s in subscriptions)
+    assert set(hub.topics) == {"a"}
+    assert hub.peers_of("alice") == [] and hub.topics_of(alice) == []
+    hub.deliver([message("a", 1), message("b", 1)])
+    assert alice.frames == [] and bob.seqs() == [1]
+    hub.remove(alice)  # twice is harmless
+    assert hub.unsubscribe(alice, "a") is False
+
+
+def test_presence():
+    a1, a2, bob, carol = Peer("c1", "alice"), Peer("c2", "alice"), Peer("c3", "bob"), Peer("c4", "carol")
+    hub = hub_with(a1, a2, bob, carol)
+    for peer in (bob, a1, a2):
+        live(hub, peer, "room")
+    hub.subscribe(carol, "room")  # still replaying: present all the same
+    live(hub, carol, "other")
+    assert hub.presence("room") == (["alice", "bob", "carol"], 4)
+    assert hub.presence("other") == (["carol"], 1)
+    assert hub.presence("empty") == ([], 0)
+    hub.unsubscribe(a1, "room")
+    assert hub.presence("room") == (["alice", "bob", "carol"], 3)
+    hub.remove(a2)
+    assert hub.presence("room") == (["bob", "carol"], 2)
+    assert hub.users() == {"alice": 1, "bob": 1, "carol": 1}
+    assert {peer.id for peer in hub.peers_of("alice")} == {"c1"}
+
+
+def test_parked_bytes_over_the_limit_calls_slow_consumer():
+    frame_size = len(text_frame(message("news", 1).payload()))
+    alice, bob = Peer("c1", "alice"), Peer("c2", "bob")
+    hub = hub_with(alice, bob, max_parked_bytes=2 * frame_size)
+    hub.subscribe(alice, "news")
+    live(hub, bob, "news")
+    hub.deliver([message("news", 1), message("news", 2)])
+    assert alice.slow == 0  # exactly at the limit is fine
+    hub.deliver([message("news", 3)])
+    assert alice.slow >= 1
+    assert bob.slow == 0 and bob.seqs() == [1, 2, 3]  # live peers are not parked
+
+
+def test_go_live_resets_parked_bytes():
+    frame_size = len(text_frame(message("news", 1).payload()))
+    alice = Peer("c1", "alice")
+    hub = hub_with(alice, max_parked_bytes=2 * frame_size)
+    subscription = hub.subscribe(alice, "news")
+    hub.deliver([message("news", 1), message("news", 2)])
+    hub.go_live(subscription)
+    hub.deliver([message("news", seq) for seq in range(3, 20)])
+    assert alice.slow == 0 and alice.seqs() == list(range(1, 20))
+
+
+def test_counters_and_delivery_callback():
+    seen = []
+    alice, bob = Peer("c1", "alice"), Peer("c2", "bob")
+    hub = hub_with(alice, bob, on_delivered=lambda m, sent: seen.append((m.topic, m.seq, sent)))
+    live(hub, alice, "news")
+    live(hub, bob, "news")
+    hub.deliver([message("news", 1), message("nobody", 1)])
+    assert hub.messages_in == 2 and hub.messages_out == 2
+    assert seen[0] == ("news", 1, 2)
+    assert all(sent == 0 for topic, _, sent in seen if topic == "nobody")
