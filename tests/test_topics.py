@@ -101,7 +101,7 @@ class TestPersonalTopics:
 
     @pytest.mark.parametrize("topic, owner", [
         ("user:alice", "alice"),
-        ("user:alice.inbox", "alice"),
+        ("user:a.b", "a.b"),
         ("user:bob@example", "bob@example"),
         ("user:a:b", "a:b"),
         ("news", None),

@@ -1,0 +1,399 @@
+"""The Store contract (notifier/store/base.py), checked on real files.
+
+Every implementation must pass these; the ``open_store`` fixture is
+parametrized by backend (only the embedded SQLite store exists today)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+
+import orjson
+import pytest
+
+from notifier.messages import Draft
+from notifier.store.base import Receipt, SeqAboveHead, StoreError
+from notifier.store.sqlite import SQLiteStore
+
+TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def draft(topic: str, value, key: str | None = None, event: str | None = None) -> Draft:
+    return Draft(topic, orjson.dumps(value), event, key)
+
+
+@pytest.fixture(params=["sqlite"])
+def open_store(request, io_loop, tmp_path):
+    """``await open_store(name, max_messages=..., max_age=...)``: an opened
+    store on a file in tmp_path (the same name reopens the same file)."""
+    opened = []
+
+    async def open_store(name: str = "notifier.db", **retention):
+        store = SQLiteStore(tmp_path / name, **retention)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield open_store
+    for store in opened:
+        io_loop.run_sync(store.close)
+
+
+async def seqs_of(store, topic: str, since: int = 0, limit: int = 1000) -> list[int]:
+    return [message.seq for message in (await store.read_since(topic, since, limit)).messages]
+
+
+# Appending
+
+
+async def test_append_assigns_1_to_n_per_topic_independently(open_store):
+    store = await open_store()
+    result = await store.append([draft("a", 1), draft("b", 1), draft("a", 2), draft("b", 2),
+                                 draft("a", 3)])
+    assert [(r.topic, r.seq) for r in result.receipts] == [
+        ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3)]
+    assert [(m.topic, m.seq) for m in result.stored] == [
+        ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3)]
+    assert [m.id for m in result.stored] == [r.id for r in result.receipts]
+    assert (await store.append([draft("a", 4)])).receipts[0].seq == 4
+    assert (await store.append([draft("c", 1)])).receipts[0].seq == 1
+    assert (await store.append([draft("b", 3)])).receipts[0].seq == 3
+
+
+async def test_receipts_and_messages_carry_id_and_time(open_store):
+    store = await open_store()
+    result = await store.append([draft("t", {"n": i}, event="e") for i in range(3)])
+    assert len({r.id for r in result.receipts}) == 3
+    for receipt, message in zip(result.receipts, result.stored):
+        assert TIME.fullmatch(receipt.time), receipt.time
+        assert (message.id, message.time, message.topic) == (receipt.id, receipt.time, "t")
+        assert message.event == "e"
+    assert [m.data for m in result.stored] == [b'{"n":0}', b'{"n":1}', b'{"n":2}']
+    assert result.receipts[0].as_dict() == {"id": result.receipts[0].id, "topic": "t", "seq": 1,
+                                            "time": result.receipts[0].time}
+
+
+async def test_read_since_order_limit_and_since(open_store):
+    store = await open_store()
+    receipts = []
+    for i in range(1, 6):
+        receipts += (await store.append([draft("t", i * 10, event=f"e{i}")])).receipts
+    history = await store.read_since("t", 0, 100)
+    assert [m.seq for m in history.messages] == [1, 2, 3, 4, 5]
+    assert [orjson.loads(m.data) for m in history.messages] == [10, 20, 30, 40, 50]
+    assert [m.event for m in history.messages] == ["e1", "e2", "e3", "e4", "e5"]
+    assert [(m.id, m.time) for m in history.messages] == [(r.id, r.time) for r in receipts]
+    assert all(m.topic == "t" for m in history.messages)
+    assert await seqs_of(store, "t", since=2, limit=2) == [3, 4]
+    assert await seqs_of(store, "t", since=0, limit=1) == [1]
+    assert await seqs_of(store, "t", since=4) == [5]
+    assert await seqs_of(store, "t", since=5) == []
+    assert await seqs_of(store, "t", since=0, limit=0) == []
+    above = await store.read_since("t", 99, 10)
+    assert above.messages == [] and above.head == 5 and above.oldest == 1
+
+
+async def test_read_since_keeps_arbitrary_json_bytes(open_store):
+    store = await open_store()
+    values = [None, 0, "", [], {}, "\u00e9\u2603", {"nested": [1, {"x": None}]}]
+    await store.append([draft("t", value) for value in values])
+    history = await store.read_since("t", 0, 100)
+    assert [m.data for m in history.messages] == [orjson.dumps(v) for v in values]
+    assert all(isinstance(m.data, bytes) for m in history.messages)
+
+
+async def test_head_oldest_epoch_of_an_unknown_topic(open_store):
+    store = await open_store()
+    history = await store.read_since("never.published", 0, 100)
+    assert history.messages == [] and history.head == 0 and history.oldest == 1
+    assert isinstance(history.epoch, str) and history.epoch
+
+
+async def test_head_oldest_epoch_after_appends(open_store):
+    store = await open_store()
+    await store.append([draft("t", i) for i in range(3)])
+    history = await store.read_since("t", 1, 100)
+    assert (history.head, history.oldest) == (3, 1)
+    assert [m.seq for m in history.messages] == [2, 3]
+    other = await store.read_since("u", 0, 100)
+    assert other.epoch == history.epoch
+
+
+async def test_epoch_is_stable_across_reopen_and_differs_for_a_new_log(open_store):
+    store = await open_store("a.db")
+    await store.append([draft("t", 1)])
+    epoch = (await store.read_since("t", 0, 10)).epoch
+    await store.close()
+    reopened = await open_store("a.db")
+    assert (await reopened.read_since("t", 0, 10)).epoch == epoch
+    fresh = await open_store("b.db")
+    assert (await fresh.read_since("t", 0, 10)).epoch != epoch
+
+
+# Retention
+
+
+async def test_retention_by_max_messages_prunes_the_oldest(open_store):
+    store = await open_store(max_messages=3)
+    for i in range(5):
+        await store.append([draft("t", i)])
+    history = await store.read_since("t", 0, 100)
+    assert [m.seq for m in history.messages] == [3, 4, 5]
+    assert (history.head, history.oldest) == (5, 3)
+    result = await store.append([draft("t", i) for i in range(4)])
+    assert [r.seq for r in result.receipts] == [6, 7, 8, 9]
+    history = await store.read_since("t", 0, 100)
+    assert [m.seq for m in history.messages] == [7, 8, 9]
+    assert (history.head, history.oldest) == (9, 7)
+    await store.append([draft("other", 1)])
+    assert await seqs_of(store, "other") == [1]
+    assert await seqs_of(store, "t") == [7, 8, 9]
+
+
+async def test_retention_by_max_age(open_store):
+    store = await open_store(max_age=0.05)
+    await store.append([draft("t", 1), draft("t", 2)])
+    await store.append([draft("u", 1)])
+    await asyncio.sleep(0.15)
+    await store.append([draft("t", 3)])
+    assert await store.prune_now() == 3
+    history = await store.read_since("t", 0, 100)
+    assert [m.seq for m in history.messages] == [3]
+    assert (history.head, history.oldest) == (3, 3)
+    emptied = await store.read_since("u", 0, 100)
+    assert emptied.messages == [] and (emptied.head, emptied.oldest) == (1, 2)
+    assert (await store.append([draft("t", 4)])).receipts[0].seq == 4
+    assert (await store.append([draft("u", 2)])).receipts[0].seq == 2
+
+
+# Idempotency
+
+
+async def test_repeated_key_returns_the_first_receipt_and_stores_nothing(open_store):
+    store = await open_store()
+    first = await store.append([draft("t", "original", key="k1")])
+    again = await store.append([draft("t", "different data", key="k1")])
+    assert again.receipts == first.receipts
+    assert again.stored == []
+    history = await store.read_since("t", 0, 100)
+    assert [m.data for m in history.messages] == [b'"original"'] and history.head == 1
+    assert (await store.append([draft("t", "next")])).receipts[0].seq == 2
+
+
+async def test_key_repeated_inside_one_batch_counts_as_a_repeat(open_store):
+    store = await open_store()
+    result = await store.append([draft("t", "a", key="k"), draft("t", "plain"),
+                                 draft("t", "b", key="k"), draft("t", "c", key="other")])
+    assert [r.seq for r in result.receipts] == [1, 2, 1, 3]
+    assert result.receipts[2] == result.receipts[0]
+    assert [m.seq for m in result.stored] == [1, 2, 3]
+    history = await store.read_since("t", 0, 100)
+    assert [m.data for m in history.messages] == [b'"a"', b'"plain"', b'"c"']
+
+
+async def test_drafts_without_key_are_never_deduplicated(open_store):
+    store = await open_store()
+    result = await store.append([draft("t", "same"), draft("t", "same")])
+    assert [r.seq for r in result.receipts] == [1, 2]
+    assert [r.seq for r in (await store.append([draft("t", "same")])).receipts] == [3]
+
+
+async def test_same_key_on_another_topic_is_new(open_store):
+    store = await open_store()
+    first = await store.append([draft("t", 1, key="k")])
+    other = await store.append([draft("u", 1, key="k")])
+    assert other.receipts[0].topic == "u" and other.receipts[0].seq == 1
+    assert other.receipts[0].id != first.receipts[0].id
+    assert len(other.stored) == 1
+
+
+async def test_idempotency_survives_close_and_reopen(open_store):
+    store = await open_store("idem.db")
+    first = await store.append([draft("t", 1, key="k")])
+    await store.close()
+    reopened = await open_store("idem.db")
+    again = await reopened.append([draft("t", 2, key="k")])
+    assert again.receipts == first.receipts and again.stored == []
+    assert (await reopened.read_since("t", 0, 10)).head == 1
+
+
+# Atomicity
+
+
+async def test_failing_batch_stores_nothing_and_consumes_no_seq(open_store):
+    store = await open_store()
+    await store.append([draft("t", "before")])
+    bad = [draft("t", "a", key="k"), Draft("t", {"not": "bytes"}), draft("u", "c")]
+    with pytest.raises(StoreError) as caught:
+        await store.append(bad)
+    assert "\n" not in str(caught.value)
+    assert await seqs_of(store, "t") == [1]
+    assert (await store.read_since("u", 0, 10)).head == 0
+    after = await store.append([draft("t", "after", key="k"), draft("u", "first")])
+    assert [(r.topic, r.seq) for r in after.receipts] == [("t", 2), ("u", 1)]
+    assert len(after.stored) == 2  # the failed batch's key was not consumed
+    history = await store.read_since("t", 0, 10)
+    assert [m.data for m in history.messages] == [b'"before"', b'"after"']
+
+
+async def test_failing_batch_does_not_harm_concurrent_ones(open_store):
+    store = await open_store()
+    results = await asyncio.gather(
+        store.append([draft("t", 1)]),
+        store.append([draft("t", 2), Draft("t", object())]),
+        store.append([draft("t", 3)]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], StoreError)
+    assert [results[0].receipts[0].seq, results[2].receipts[0].seq] == [1, 2]
+    history = await store.read_since("t", 0, 10)
+    assert [m.data for m in history.messages] == [b"1", b"3"]
+
+
+# Cursors
+
+
+async def test_cursor_unset_is_none(open_store):
+    store = await open_store()
+    assert await store.get_cursor("alice", "t") is None
+
+
+async def test_cursor_moves_forward_only(open_store):
+    store = await open_store()
+    await store.append([draft("t", i) for i in range(5)])
+    await store.set_cursor("alice", "t", 3)
+    assert await store.get_cursor("alice", "t") == 3
+    await store.set_cursor("alice", "t", 2)
+    assert await store.get_cursor("alice", "t") == 3
+    await store.set_cursor("alice", "t", 5)
+    assert await store.get_cursor("alice", "t") == 5
+    assert await store.get_cursor("bob", "t") is None
+    assert await store.get_cursor("alice", "u") is None
+
+
+async def test_cursor_above_head_is_refused(open_store):
+    store = await open_store()
+    with pytest.raises(SeqAboveHead):
+        await store.set_cursor("alice", "t", 1)
+    await store.append([draft("t", 1), draft("t", 2)])
+    await store.set_cursor("alice", "t", 1)
+    with pytest.raises(SeqAboveHead) as caught:
+        await store.set_cursor("alice", "t", 3)
+    assert isinstance(caught.value, StoreError)
+    assert await store.get_cursor("alice", "t") == 1
+    await store.set_cursor("alice", "t", 2)
+    assert await store.get_cursor("alice", "t") == 2
+
+
+async def test_cursor_at_a_pruned_seq_is_still_accepted(open_store):
+    store = await open_store(max_messages=2)
+    await store.append([draft("t", i) for i in range(5)])
+    await store.set_cursor("alice", "t", 1)
+    assert await store.get_cursor("alice", "t") == 1
+
+
+# Concurrency
+
+
+async def test_concurrent_appends_get_unique_consecutive_seqs(open_store):
+    store = await open_store()
+    resolved = []
+
+    async def one(i: int) -> int:
+        result = await store.append([draft("t", i)])
+        resolved.append(result.receipts[0].seq)
+        return result.receipts[0].seq
+
+    seqs = await asyncio.gather(*(one(i) for i in range(200)))
+    assert sorted(seqs) == list(range(1, 201))
+    assert resolved == sorted(resolved), "appends resolve in commit order"
+    history = await store.read_since("t", 0, 1000)
+    assert history.head == 200
+    data_by_seq = {m.seq: m.data for m in history.messages}
+    assert all(data_by_seq[seq] == orjson.dumps(i) for i, seq in enumerate(seqs))
+
+
+async def test_concurrent_appends_and_cursors(open_store):
+    store = await open_store()
+    await store.append([draft("t", 0)])
+    await asyncio.gather(*(store.append([draft("t", i)]) for i in range(50)),
+                         *(store.set_cursor(f"user{i}", "t", 1) for i in range(50)))
+    assert (await store.read_since("t", 0, 100)).head == 51
+    assert [await store.get_cursor(f"user{i}", "t") for i in range(50)] == [1] * 50
+
+
+# Opening and reopening
+
+
+async def test_reopening_keeps_heads_cursors_and_messages(open_store):
+    store = await open_store("keep.db")
+    first = await store.append([draft("t", "x"), draft("t", "y"), draft("u", "z")])
+    await store.set_cursor("alice", "t", 2)
+    await store.set_cursor("bob", "u", 1)
+    await store.close()
+    store = await open_store("keep.db")
+    history = await store.read_since("t", 0, 10)
+    assert history.head == 2
+    assert [(m.seq, m.id, m.data) for m in history.messages] == \
+        [(1, first.receipts[0].id, b'"x"'), (2, first.receipts[1].id, b'"y"')]
+    assert await store.get_cursor("alice", "t") == 2
+    assert await store.get_cursor("bob", "u") == 1
+    assert (await store.append([draft("t", "w")])).receipts[0].seq == 3
+    assert (await store.append([draft("u", "w")])).receipts[0].seq == 2
+
+
+async def test_reopening_after_retention_keeps_the_head(open_store):
+    store = await open_store("pruned.db", max_messages=1)
+    await store.append([draft("t", i) for i in range(4)])
+    await store.close()
+    store = await open_store("pruned.db", max_messages=1)
+    history = await store.read_since("t", 0, 10)
+    assert (history.head, history.oldest, [m.seq for m in history.messages]) == (4, 4, [4])
+    assert (await store.append([draft("t", 9)])).receipts[0].seq == 5
+
+
+async def test_a_file_that_is_not_sqlite_is_refused_and_left_untouched(open_store, tmp_path):
+    path = tmp_path / "junk.db"
+    content = b"this is not a database, it is a text file\n" * 200
+    path.write_bytes(content)
+    with pytest.raises(StoreError) as caught:
+        await open_store("junk.db")
+    message = str(caught.value)
+    assert message and "\n" not in message
+    assert path.read_bytes() == content
+
+
+async def test_a_newer_schema_is_refused_and_left_untouched(open_store, tmp_path):
+    path = tmp_path / "future.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE later (x)")
+    db.execute("INSERT INTO later VALUES (1)")
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    content = path.read_bytes()
+    with pytest.raises(StoreError) as caught:
+        await open_store("future.db")
+    message = str(caught.value)
+    assert "99" in message and "\n" not in message
+    assert path.read_bytes() == content, "opening must not modify a store it refuses"
+
+
+async def test_closed_store_refuses_work(open_store):
+    store = await open_store()
+    await store.append([draft("t", 1)])
+    await store.ping()
+    await store.close()
+    with pytest.raises(StoreError):
+        await store.append([draft("t", 2)])
+    with pytest.raises(StoreError):
+        await store.read_since("t", 0, 10)
+    with pytest.raises(StoreError):
+        await store.ping()
+
+
+async def test_receipt_type(open_store):
+    store = await open_store()
+    receipt = (await store.append([draft("t", 1)])).receipts[0]
+    assert isinstance(receipt, Receipt)
