@@ -7,6 +7,9 @@ Every client frame is one JSON object with a ``type``; any command may carry a
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -15,6 +18,7 @@ import orjson
 from notifier.topics import is_valid_topic
 
 MAX_EVENT_LENGTH = 100
+MAX_SEQ = 2**63 - 1  # SQLite's INTEGER range; no topic gets near it
 
 # Error codes (SPEC "Server -> client").
 BAD_REQUEST = "bad_request"
@@ -106,6 +110,31 @@ def _require_topic(body: dict, ref: Ref) -> str | ProtocolError:
     return topic
 
 
+# orjson reads integers wider than 64 bits as floats, silently losing digits;
+# text with 20+ digits in a row goes through the exact (slower) stdlib parser.
+_LONG_DIGITS = re.compile(r"\d{20}")
+_LONG_DIGITS_BYTES = re.compile(rb"\d{20}")
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:20]}... is out of range")
+    return value
+
+
+def loads(text: str | bytes):
+    """Parse JSON exactly; raises ValueError (JSONDecodeError) when invalid."""
+    pattern = _LONG_DIGITS_BYTES if isinstance(text, bytes) else _LONG_DIGITS
+    if pattern.search(text):
+        return json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
+    return orjson.loads(text)
+
+
 def encode_data(data: object, max_bytes: int) -> bytes | ProtocolError:
     """Serialize a message's ``data`` compactly, enforcing the size limit.
 
@@ -113,8 +142,8 @@ def encode_data(data: object, max_bytes: int) -> bytes | ProtocolError:
     """
     try:
         encoded = orjson.dumps(data)
-    except TypeError as exc:  # e.g. integers beyond 64 bits
-        return ProtocolError(BAD_REQUEST, f"'data' cannot be encoded: {exc}")
+    except TypeError:  # integers beyond 64 bits: keep them exact
+        encoded = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
     if len(encoded) > max_bytes:
         return ProtocolError(
             TOO_LARGE, f"'data' is {len(encoded)} bytes serialized; the limit is {max_bytes}"
@@ -135,8 +164,8 @@ def validate_event(event: object, ref: Ref = None) -> str | None | ProtocolError
 def parse(text: str | bytes, max_message_bytes: int) -> Command | ProtocolError:
     """Turn one client frame into a command, or the error to answer it with."""
     try:
-        body = orjson.loads(text)
-    except orjson.JSONDecodeError:
+        body = loads(text)
+    except ValueError:
         return ProtocolError(BAD_REQUEST, "frame is not valid JSON")
     if not isinstance(body, dict):
         return ProtocolError(BAD_REQUEST, "frame must be a JSON object")
@@ -157,7 +186,7 @@ def _parse_subscribe(body: dict, ref: Ref, _max: int) -> Command | ProtocolError
     if isinstance(topic, ProtocolError):
         return topic
     since = body.get("since")
-    if since is not None and not (_is_int(since) and since >= 0):
+    if since is not None and not (_is_int(since) and 0 <= since <= MAX_SEQ):
         return ProtocolError(BAD_REQUEST, "'since' must be an integer >= 0", ref)
     return Subscribe(topic, since, ref)
 
@@ -174,7 +203,7 @@ def _parse_ack(body: dict, ref: Ref, _max: int) -> Command | ProtocolError:
     if isinstance(topic, ProtocolError):
         return topic
     seq = body.get("seq")
-    if not (_is_int(seq) and seq >= 0):
+    if not (_is_int(seq) and 0 <= seq <= MAX_SEQ):
         return ProtocolError(BAD_REQUEST, "'seq' must be an integer >= 0", ref)
     return Ack(topic, seq, ref)
 

@@ -90,8 +90,8 @@ class ApiHandler(JsonHandler):
 
     def json_body(self) -> Any:
         try:
-            return orjson.loads(self.request.body)
-        except orjson.JSONDecodeError:
+            return protocol.loads(self.request.body)
+        except ValueError:
             raise ApiError(400, "bad_request", "body is not valid JSON") from None
 
 
@@ -214,7 +214,7 @@ def _topic_argument(topic: str) -> str:
 class HistoryHandler(ApiHandler):
     async def get(self, topic: str) -> None:
         topic = _topic_argument(topic)
-        since = _int_argument(self, "since", 0, 0)
+        since = _int_argument(self, "since", 0, 0, protocol.MAX_SEQ)
         limit = _int_argument(self, "limit", 100, 1, MAX_HISTORY_LIMIT)
         try:
             history = await self.services.store.read_since(topic, since, limit)
