@@ -7,6 +7,7 @@ Anything wrong raises ``ConfigError`` whose message is one line naming the key.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -105,14 +106,20 @@ _SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 102
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return value
+
+
 def parse_duration(value: Any) -> float:
     """Seconds from a number or a string like ``250ms``, ``30s``, ``7d``, ``1h30m``."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _finite(float(value))
     if isinstance(value, str):
         text = value.strip().lower()
         try:
-            return float(text)
+            return _finite(float(text))
         except ValueError:
             pass
         parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)", text)
@@ -146,12 +153,12 @@ def _convert(kind: str, value: Any, from_env: bool) -> Any:
     if kind == FLOAT:
         if from_env:
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ValueError(f"expected a number, got {value!r}")
-        return float(value)
+        return _finite(float(value))
     if kind == BOOL:
         if from_env:
             lowered = value.strip().lower()
