@@ -47,14 +47,14 @@ def is_valid_user(user: object) -> bool:
 
 
 def owner_of(topic: str) -> str | None:
-    """The user a personal topic (or a topic under it) belongs to, else None.
+    """The user whose personal topic this is, else None.
 
-    ``user:alice`` and ``user:alice.inbox`` both belong to alice: nobody else
-    may read them whatever their claims say.
+    Every topic starting ``user:`` is someone's: ``user:a.b`` belongs to the
+    user ``a.b``, not to ``a``, so no id can reach into another's topic.
     """
     if not topic.startswith(PERSONAL_PREFIX):
         return None
-    return topic[len(PERSONAL_PREFIX):].split(".", 1)[0]
+    return topic[len(PERSONAL_PREFIX):]
 
 
 @lru_cache(maxsize=4096)
