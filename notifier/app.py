@@ -47,7 +47,7 @@ def build_services(config: Config, store: Store, broker: Broker, jwt_secret: str
         store.commit_observer = metrics.observe_commit
     return Services(
         config=config, store=store, broker=broker, hub=hub,
-        publisher=Publisher(store, broker),
+        publisher=Publisher(store, broker, metrics.delivery_latency.observe),
         verifier=TokenVerifier(config.auth, jwt_secret),
         api_keys=ApiKeys(config.auth.api_keys),
         metrics=metrics,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from notifier.broker.base import Broker
 from notifier.messages import Draft, Message, new_id, rfc3339
@@ -13,9 +13,12 @@ from notifier.store.base import Receipt, Store
 
 
 class Publisher:
-    def __init__(self, store: Store, broker: Broker):
+    def __init__(self, store: Store, broker: Broker,
+                 on_delivered: Callable[[float], None] | None = None):
         self.store = store
         self.broker = broker
+        # Seconds from a publish arriving to its frames being queued here.
+        self.on_delivered = on_delivered
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -24,12 +27,15 @@ class Publisher:
         """Store ``drafts`` atomically; once durable, hand the new ones to the
         broker. Nothing is awaited between the two, so the store's commit
         order is the delivery order."""
+        started = time.perf_counter()
         self.in_flight += 1
         self._idle.clear()
         try:
             result = await self.store.append(drafts)
             if result.stored:
                 self.broker.publish(result.stored)
+                if self.on_delivered is not None:
+                    self.on_delivered(time.perf_counter() - started)
             return result.receipts
         finally:
             self.in_flight -= 1
@@ -38,8 +44,11 @@ class Publisher:
 
     def publish_ephemeral(self, draft: Draft) -> Message:
         """Deliver live only: no seq, not stored."""
+        started = time.perf_counter()
         message = Message(draft.topic, None, new_id(), rfc3339(time.time()), draft.event, draft.data)
         self.broker.publish([message])
+        if self.on_delivered is not None:
+            self.on_delivered(time.perf_counter() - started)
         return message
 
     async def wait_idle(self) -> None:
