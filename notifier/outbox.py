@@ -9,9 +9,10 @@ capped at ``limit`` bytes: past that the connection is a slow consumer.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from typing import Awaitable, Callable
 
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
+from tornado.websocket import WebSocketClosedError
 
 
 class Flusher:
@@ -35,33 +36,52 @@ class Flusher:
 
 
 class Outbox:
+    """``write_compressed``, when given, sends one message through a
+    per-connection compressor instead (permessage-deflate): such a connection
+    cannot share pre-built frames, and its writes go out immediately."""
+
     def __init__(self, stream: IOStream, limit: int, flusher: Flusher,
-                 on_overflow: Callable[[], None]):
+                 on_overflow: Callable[[], None],
+                 write_compressed: Callable[[bytes], Awaitable[None]] | None = None):
         self.stream = stream
         self.limit = limit
         self.flusher = flusher
         self.on_overflow = on_overflow
+        self.write_compressed = write_compressed
         self.chunks: list[bytes] = []
+        self.pending = 0  # bytes queued since the last flush (or drain, if compressed)
         self.closed = False
         # Writing straight to the socket skips IOStream's Future-per-write; only
         # sound for a plain (non-TLS) stream, where socket bytes are wire bytes.
         self._direct = type(stream) is IOStream
         # IOStream enforces the cap itself and raises StreamBufferFullError.
         stream.max_write_buffer_size = limit
-        self._last_write: asyncio.Future | None = None
+        self._last_write: Awaitable[None] | None = None
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: bytes, payload: bytes) -> None:
         if self.closed:
+            return
+        if self.write_compressed is not None:
+            try:
+                self._last_write = self.write_compressed(payload)
+            except StreamBufferFullError:
+                self.overflow()
+            except WebSocketClosedError:
+                pass
+            else:
+                self.pending += len(payload)
             return
         if not self.chunks:
             self.flusher.mark(self)
         self.chunks.append(frame)
+        self.pending += len(frame)
 
     def flush(self) -> None:
         if self.closed or not self.chunks:
             return
         data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
         self.chunks = []
+        self.pending = 0
         stream = self.stream
         if stream.closed():
             return
@@ -86,16 +106,16 @@ class Outbox:
     async def drain(self) -> None:
         """Flush now and wait until the socket took everything queued so far."""
         self.flush()
+        self.pending = 0
         if self.stream.writing() and self._last_write is not None:
             try:
                 await self._last_write
-            except StreamClosedError:
+            except (StreamClosedError, WebSocketClosedError):
                 pass
 
-    def buffered(self) -> int:
-        return sum(map(len, self.chunks))
-
     def overflow(self) -> None:
+        if self.closed:
+            return
         self.discard()
         # Room for the close frame: it queues behind what the client has not read.
         self.stream.max_write_buffer_size = None
@@ -104,3 +124,4 @@ class Outbox:
     def discard(self) -> None:
         self.closed = True
         self.chunks = []
+        self.pending = 0

@@ -101,12 +101,12 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         self.ping_sent_at: float | None = None
         self.bucket = TokenBucket(self.config.limits.commands_per_second,
                                   self.config.limits.commands_burst)
-        stream = self.ws_connection.stream
-        self.outbox = Outbox(stream, self.config.limits.max_buffered_bytes,
-                             services.flusher, self._on_overflow)
         # A negotiated permessage-deflate context is per connection: such a
         # client cannot share pre-built frames.
         self.compressed = getattr(self.ws_connection, "_compressor", None) is not None
+        self.outbox = Outbox(self.ws_connection.stream, self.config.limits.max_buffered_bytes,
+                             services.flusher, self._on_overflow,
+                             self.ws_connection.write_message if self.compressed else None)
         if not self._origin_allowed():
             services.log.info("connection.refused", reason="origin not allowed",
                               origin=self.request.headers.get("Origin"))
@@ -156,18 +156,10 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
     # Sending
 
     def send(self, payload: bytes) -> None:
-        self.send_frame(text_frame(payload) if not self.compressed else b"", payload)
+        self.outbox.send(b"" if self.compressed else text_frame(payload), payload)
 
     def send_frame(self, frame: bytes, payload: bytes) -> None:
-        if self.compressed:
-            try:
-                self.ws_connection.write_message(payload)
-            except tornado.websocket.WebSocketClosedError:
-                pass
-            except StreamBufferFullError:
-                self.slow_consumer()
-            return
-        self.outbox.send(frame)
+        self.outbox.send(frame, payload)
 
     def slow_consumer(self) -> None:
         self.outbox.overflow()
@@ -176,8 +168,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         services = self.services
         services.metrics.slow_consumers.inc()
         services.log.warning("connection.slow_consumer", conn=self.id, user=self.user)
-        if self.ws_connection is not None and self.ws_connection.stream is not None:
-            self.ws_connection.stream.max_write_buffer_size = None
+        services.hub.remove(self)
         self.close(protocol.CLOSE_SLOW_CONSUMER, "slow consumer")
 
     def _error(self, error: ProtocolError) -> None:
@@ -254,20 +245,24 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
             hub.go_live(subscription)
 
     async def _replay(self, subscription, messages) -> None:
-        store = self.services.store
-        while messages:
+        hub = self.services.hub
+        outbox = self.outbox
+        drain_at = min(REPLAY_DRAIN_BYTES, outbox.limit // 2)
+        while True:
             for message in messages:
-                if message.seq > subscription.last_seq:
-                    subscription.last_seq = message.seq
-                    self.send(message.payload())
+                if message.seq <= subscription.last_seq:
+                    continue
+                subscription.last_seq = message.seq
+                self.send(message.payload())
+                if outbox.pending >= drain_at:
+                    await outbox.drain()
+                    if outbox.closed or not hub.is_current(subscription):
+                        return
             if len(messages) < REPLAY_PAGE:
                 return
-            if self.outbox.buffered() >= REPLAY_DRAIN_BYTES or self.ws_connection.stream.writing():
-                await self.outbox.drain()
-            if not self.services.hub.is_current(subscription):
-                return
-            page = await store.read_since(subscription.topic, subscription.last_seq, REPLAY_PAGE)
-            if not self.services.hub.is_current(subscription):
+            page = await self.services.store.read_since(
+                subscription.topic, subscription.last_seq, REPLAY_PAGE)
+            if outbox.closed or not hub.is_current(subscription):
                 return
             messages = page.messages
 
