@@ -151,29 +151,34 @@ class SQLiteStore(Store):
     def _open_sync(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        db = None
         try:
             db = _connect(self.path)
+            # Every check that can refuse the file runs before anything writes to it.
             check = db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise StoreError(f"database {self.path} is damaged ({check}); refusing to start")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database {self.path} has schema version {version}, newer than this "
+                    f"notifier ({SCHEMA_VERSION})")
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if self.path != ":memory:" and mode != "wal":
                 raise StoreError(f"database {self.path} cannot use WAL mode (got {mode})")
             # FULL fsyncs the WAL at every commit: a 2xx survives power loss.
             db.execute("PRAGMA synchronous = FULL")
-            self._migrate(db)
+            self._migrate(db, version)
             self.epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, StoreError) as exc:
+            if db is not None:
+                db.close()
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"database {self.path} cannot be opened: {exc}") from None
         self._write_db = db
 
-    def _migrate(self, db: sqlite3.Connection) -> None:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"database {self.path} has schema version {version}, newer than this "
-                f"notifier ({SCHEMA_VERSION})"
-            )
+    def _migrate(self, db: sqlite3.Connection, version: int) -> None:
         for step in range(version, SCHEMA_VERSION):
             db.execute("BEGIN IMMEDIATE")
             for statement in MIGRATIONS[step].split(";"):
