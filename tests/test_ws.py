@@ -611,6 +611,24 @@ async def test_frame_above_limit_plus_4k_closes_with_1009(small_messages, port):
     assert (await history(port, "news.a"))["head"] == 0
 
 
+def frame_of_length(length: int) -> str:
+    """A publish command whose text is exactly ``length`` bytes."""
+    shell = '{"type":"publish","topic":"news.a","data":"%s","ref":1}'
+    return shell % ("x" * (length - len(shell % "")))
+
+
+async def test_frame_of_exactly_limit_plus_4k_is_not_closed(small_messages, port):
+    client = await connect(port, token("alice", publish=["news.>"]))
+    text = frame_of_length(100 + 4096)
+    assert len(text.encode()) == 4196
+    await client.send(text)
+    error = await client.expect("error")
+    assert error["code"] == "too_large" and error["ref"] == 1
+    await client.send(frame_of_length(100 + 4096 + 1))
+    assert await client.closed() == 1009
+    client.close()
+
+
 async def test_frame_below_limit_plus_4k_stays_open(small_messages, port):
     client = await connect(port, token("alice", publish=["news.>"]))
     await client.send({"type": "publish", "topic": "news.a", "data": "x" * 3000, "ref": 1})
@@ -915,41 +933,52 @@ async def test_replay_while_publishing_has_no_gap_and_no_duplicate(port):
     client.close()
 
 
-async def overwhelm(port: int, client) -> int:
-    """Publish far more than the kernel's socket buffers and the 64 KiB
-    allowance to ``client``, which reads nothing meanwhile; then read what got
-    through until the server closes. Returns the last seq received."""
-    await subscribe(client, "news.a")
+async def flood(port: int, target: dict) -> int:
+    """Publish 800 KB batches to ``target`` until its subscriber (who reads
+    nothing meanwhile) is dropped as a slow consumer; returns the head."""
+    topic = target.get("topic") or f"user:{target['user']}"
     chunk = "x" * 8000
-    for _ in range(16):
-        batch = {"messages": [{"topic": "news.a", "data": chunk} for _ in range(100)]}
-        status, body = await api(port, "POST", "/api/publish/batch", batch)
+    for batches in range(1, 41):
+        status, body = await api(port, "POST", "/api/publish/batch",
+                                 {"messages": [{**target, "data": chunk}] * 100})
         assert status == 200, body
+        status, presence = await api(port, "GET", f"/api/topics/{topic}/presence")
+        if presence["connections"] == 0:
+            return batches * 100
+    raise AssertionError("32 MB queued and the subscriber was never dropped")
+
+
+async def overwhelm(port: int, client) -> tuple[int, int]:
+    """Flood ``client`` (subscribed to news.a, reading nothing) until it is
+    dropped, then read what got through until the server closes. Returns the
+    last seq received and the topic's head."""
+    await subscribe(client, "news.a")
+    total = await flood(port, {"topic": "news.a"})
     last = 0
     while (frame := await client.recv()) is not None:
         assert frame["seq"] == last + 1
         last = frame["seq"]
-    return last
+    return last, total
 
 
 async def test_slow_consumer_is_closed_with_4009(small_buffer, port):
     client = await connect(port, token("alice"))
-    last = await overwhelm(port, client)
+    last, total = await overwhelm(port, client)
     assert client.close_code == 4009
     client.close()
-    assert last < 1600
+    assert last < total
 
 
 async def test_slow_consumer_can_resume_with_since(small_buffer, port):
     client = await connect(port, token("alice"))
-    last = await overwhelm(port, client)
+    last, total = await overwhelm(port, client)
     assert client.close_code == 4009
     client.close()
     # A client that now reads steadily gets the rest: nothing is lost.
     again = await connect(port, token("alice"))
     reply = await subscribe(again, "news.a", since=last)
-    assert reply["seq"] == 1600 and reply["recovered"] is True
-    assert await seqs(again, 1600 - last, "news.a") == list(range(last + 1, 1601))
+    assert reply["seq"] == total and reply["recovered"] is True
+    assert await seqs(again, total - last, "news.a") == list(range(last + 1, total + 1))
     await pong(again, 1)
     again.close()
 
@@ -974,11 +1003,7 @@ async def test_slow_consumer_close_frame_is_clean(small_buffer, port):
     """What a slow consumer finally reads is whole frames, then a 4009 close:
     never a frame cut short with the close frame's bytes inside it."""
     raw = await RawClient.open(port, token("alice"))
-    chunk = "x" * 8000
-    for _ in range(16):
-        status, body = await api(port, "POST", "/api/publish/batch",
-                                 {"messages": [{"user": "alice", "data": chunk}] * 100})
-        assert status == 200, body
+    await flood(port, {"user": "alice"})
     data = b""
     while True:
         try:
@@ -993,3 +1018,23 @@ async def test_slow_consumer_close_frame_is_clean(small_buffer, port):
     assert frames[-1][0] == OP_CLOSE
     assert struct.unpack("!H", frames[-1][1][:2])[0] == 4009
     assert all(op == 0x1 for op, _ in frames[:-1])
+
+
+async def test_dotted_user_owns_its_personal_topic(port):
+    owner = await connect(port, token("bob.x", topics=[]), welcome=False)
+    assert (await owner.expect("welcome"))["user"] == "bob.x"
+    assert (await owner.expect("subscribed"))["topic"] == "user:bob.x"
+    other = await connect(port, token("bob", topics=[">"]))
+    await other.send({"type": "subscribe", "topic": "user:bob.x", "ref": "spy"})
+    error = await other.expect("error")
+    assert error["code"] == "forbidden" and error["ref"] == "spy"
+    status, body = await api(port, "POST", "/api/publish", {"user": "bob.x", "data": 1})
+    assert status == 200 and body["topic"] == "user:bob.x"
+    message = await owner.expect("message")
+    assert message["topic"] == "user:bob.x" and message["id"] == body["id"]
+    await other.nothing(0.1)
+    reply = await subscribe(owner, "user:bob.x", ref=1, since=0)
+    assert reply["seq"] == 1
+    assert await seqs(owner, 1, "user:bob.x") == [1]
+    owner.close()
+    other.close()
