@@ -5,13 +5,18 @@ server-side disconnect (4001). All through the real server and real clients."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import time
 import warnings
+from pathlib import Path
 
 import jwt
 import orjson
 import pytest
 import tornado.httpclient
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from support import SECRET, api, connect, token
 
@@ -312,3 +317,70 @@ async def test_origin_other_port_same_host_is_closed_with_4003(port):
                            headers={"Origin": "http://127.0.0.1:1"})
     assert await client.closed() == 4003
     client.close()
+
+
+async def test_null_origin_is_closed_with_4003(port):
+    client = await connect(port, token("alice"), welcome=False, headers={"Origin": "null"})
+    assert await client.closed() == 4003
+    client.close()
+
+
+async def test_empty_token_query_is_refused_with_401(port):
+    await refused(port, "")
+
+
+# Configured audience and issuer; public-key algorithms
+
+
+@pytest.fixture
+def aud_iss(config):
+    config.auth.audience = "notifier-test"
+    config.auth.issuer = "https://issuer.example"
+    return config
+
+
+async def test_audience_and_issuer_accepted_when_they_match(aud_iss, port):
+    good = token("alice", audience="notifier-test", issuer="https://issuer.example")
+    client = await connect(port, good)
+    await client.send({"type": "ping", "ref": 1})
+    assert (await client.expect("pong"))["ref"] == 1
+    client.close()
+
+
+@pytest.mark.parametrize("audience,issuer", [
+    ("", "https://issuer.example"),
+    ("notifier-test", ""),
+    ("someone-else", "https://issuer.example"),
+    ("notifier-test", "https://evil.example"),
+])
+async def test_audience_or_issuer_missing_or_wrong_is_refused(aud_iss, port, audience, issuer):
+    await refused(port, token("alice", audience=audience, issuer=issuer))
+
+
+@pytest.fixture
+def rs256(config, tmp_path):
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = tmp_path / "jwt.pub"
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    config.auth.jwt_algorithms = ["RS256"]
+    config.auth.jwt_public_key_file = str(public)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+async def test_rs256_token_accepted_with_public_key(rs256, port):
+    good = jwt.encode(claims(), rs256, algorithm="RS256")
+    client = await connect(port, good, welcome=False)
+    assert (await client.expect("welcome"))["user"] == "alice"
+    client.close()
+
+
+async def test_rs256_pinned_refuses_hs256_even_signed_with_the_public_key(rs256, config, port):
+    # Key confusion: an HS256 token whose HMAC key is the public key's PEM.
+    public_pem = Path(config.auth.jwt_public_key_file).read_bytes()
+    forged = f"{b64url({'alg': 'HS256', 'typ': 'JWT'})}.{b64url(claims())}"
+    signature = hmac.new(public_pem, forged.encode(), hashlib.sha256).digest()
+    forged += "." + base64.urlsafe_b64encode(signature).rstrip(b"=").decode()
+    await refused(port, forged)
+    await refused(port, signed(claims()))
