@@ -1,17 +1,17 @@
-"""Reference ceiling, not a peer: a ``picows`` server with one ``send`` per delivery.
+"""Reference, not a peer: a ``picows`` server with one ``send`` per delivery.
 
 This is not what anyone would call an idiomatic Python server; it is here to
 calibrate the benchmark. Frames are built in C by picows and each delivery is
 one ``transport.send`` (one write syscall), with no per-connection Task or
 Python-level buffering: about the fastest a one-syscall-per-delivery fan-out
-in a Python process gets. ``bench.fanout`` runs it so that the table shows how
-much headroom the load generator has above the servers under test: if this
-row's deliveries/s is well above the others, the load generator was not what
-limited them.
+in a Python process gets (a server that coalesces several messages into one
+write per connection can beat it). ``bench.fanout`` runs it so that the table
+shows that limit next to the servers under test, and that the load generator
+keeps up well above them.
 
 Same minimal protocol as the other peers (see ``bench/peers/websockets_broadcast.py``).
 
-    python -m bench.peers.picows_ceiling --port 8804
+    python -m bench.peers.picows_reference --port 8804
 """
 
 from __future__ import annotations
