@@ -23,8 +23,19 @@ starts every server as a subprocess (pinned to the other core):
   2, ...) so that drift on a shared machine hits all of them alike; the table
   shows medians over ``--rounds`` rounds after one unrecorded warm-up round.
 * Server CPU seconds come from /proc/<pid>/stat (utime+stime of the server and
-  its children) over the measured window; client CPU %% is the load
-  generator's own, so a reader can see that it is not the bottleneck.
+  its children) over the measured window; client CPU % is the load
+  generator's own, so a reader can see whether it was the bottleneck; "frames
+  per client read" (sampled subscribers) shows whether a server coalesces
+  several messages into one write.
+* Besides the three peers and notifier, a reference row: a ``picows`` server
+  doing one ``send`` (one syscall) per delivery with frames built in C
+  (``bench/peers/picows_reference.py``), i.e. the one-syscall-per-delivery
+  limit in a Python process, and a check on the load generator's headroom.
+* The machine may be shared: the CPU used by every other process during each
+  round is recorded, and a round during which it exceeded ``--max-others`` is
+  repeated (a bounded number of times) after waiting for quiet.
+* The load generator uses uvloop when it is installed (it is not a dependency
+  of any server: the FastAPI peer pins uvicorn to the stdlib asyncio loop).
 * Memory per idle connection: ``--memory-connections`` (10,000) subscribed,
   idle connections to a fresh notifier and a fresh ``websockets`` peer; RSS
   delta / connections.
