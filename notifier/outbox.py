@@ -79,12 +79,14 @@ class Outbox:
     def flush(self) -> None:
         if self.closed or not self.chunks:
             return
-        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        chunks = self.chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self.chunks = []
         self.pending = 0
         stream = self.stream
         if stream.closed():
             return
+        sent = 0
         if self._direct and not stream.writing():
             try:
                 sent = stream.socket.send(data)
@@ -99,7 +101,7 @@ class Outbox:
         try:
             self._last_write = stream.write(data)
         except StreamBufferFullError:
-            self.overflow()
+            self.overflow(_rest_of_cut_frame(chunks, sent))
         except StreamClosedError:
             pass
 
@@ -113,15 +115,36 @@ class Outbox:
             except (StreamClosedError, WebSocketClosedError):
                 pass
 
-    def overflow(self) -> None:
+    def overflow(self, unfinished: bytes = b"") -> None:
+        """Give up on this connection: drop what is queued and close it (4009).
+        ``unfinished`` is the tail of a frame already partly on the wire: it
+        must go out whole so the close frame that follows is readable."""
         if self.closed:
             return
         self.discard()
         # Room for the close frame: it queues behind what the client has not read.
         self.stream.max_write_buffer_size = None
+        if unfinished:
+            try:
+                self.stream.write(unfinished)
+            except StreamClosedError:
+                pass
         self.on_overflow()
 
     def discard(self) -> None:
         self.closed = True
         self.chunks = []
         self.pending = 0
+
+
+def _rest_of_cut_frame(chunks: list[bytes], sent: int) -> bytes:
+    """The unsent tail of the frame that the first ``sent`` bytes cut into."""
+    start = 0
+    for chunk in chunks:
+        end = start + len(chunk)
+        if start < sent < end:
+            return chunk[sent - start:]
+        if sent < end:
+            return b""
+        start = end
+    return b""
