@@ -138,6 +138,8 @@ class SQLiteStore(Store):
         self._reader_connections: list[sqlite3.Connection] = []
         self._heads: dict[str, int] = {}
         self.commit_observer: Callable[[float, int], None] | None = None
+        self.prune_errors = 0
+        self.last_prune_error = ""
 
     # Opening, schema and shutdown
 
@@ -236,7 +238,14 @@ class SQLiteStore(Store):
                 if jobs:
                     self._commit_group(db, jobs)
                 if time.monotonic() >= next_prune:
-                    self._prune_by_age(db)
+                    try:
+                        self._prune_by_age(db)
+                    except sqlite3.Error as exc:
+                        # Retention can wait for the next pass; the writer must not die.
+                        if db.in_transaction:
+                            db.execute("ROLLBACK")
+                        self.prune_errors += 1
+                        self.last_prune_error = str(exc)
                     next_prune = time.monotonic() + PRUNE_INTERVAL
         finally:
             db.close()
@@ -374,6 +383,8 @@ class SQLiteStore(Store):
         return await self._read(run)
 
     async def ping(self) -> None:
+        if self._writer is None or not self._writer.is_alive():
+            raise StoreError("the store's writer is not running")
         await self._read(lambda db: db.execute("SELECT 1").fetchone())
 
 
