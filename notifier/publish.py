@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 from notifier.broker.base import Broker
 from notifier.messages import Draft, Message, new_id, rfc3339
-from notifier.store.base import Receipt, Store
+from notifier.store.base import AppendResult, Store
 
 
 class Publisher:
@@ -23,7 +23,7 @@ class Publisher:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def publish(self, drafts: Sequence[Draft]) -> list[Receipt]:
+    async def publish(self, drafts: Sequence[Draft]) -> AppendResult:
         """Store ``drafts`` atomically; once durable, hand the new ones to the
         broker. Nothing is awaited between the two, so the store's commit
         order is the delivery order."""
@@ -36,7 +36,7 @@ class Publisher:
                 self.broker.publish(result.stored)
                 if self.on_delivered is not None:
                     self.on_delivered(time.perf_counter() - started)
-            return result.receipts
+            return result
         finally:
             self.in_flight -= 1
             if not self.in_flight:

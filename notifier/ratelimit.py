@@ -14,12 +14,15 @@ class TokenBucket:
         self.tokens = float(burst)
         self.stamp = time.monotonic() if now is None else now
 
-    def take(self, now: float | None = None) -> bool:
+    def take(self, count: int = 1, now: float | None = None) -> bool:
+        """Spend ``count`` tokens if at least one is there. A large spend may
+        go into debt, so a batch bigger than the burst is possible but
+        delays what follows by as long as its size demands."""
         now = time.monotonic() if now is None else now
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= 1:
-            self.tokens -= 1
+            self.tokens -= count
             return True
         return False
 

@@ -145,11 +145,12 @@ class PublishHandler(ApiHandler):
         services = self.services
         self._check_rate(len(drafts))
         try:
-            receipts = await services.publisher.publish(drafts)
+            result = await services.publisher.publish(drafts)
         except StoreError as exc:
             services.log.error("publish.failed", error=str(exc), count=len(drafts))
             raise ApiError(503, "unavailable", "message not stored; retry") from None
-        services.metrics.published.labels("http", "stored").inc(len(drafts))
+        receipts = result.receipts
+        services.metrics.published.labels("http", "stored").inc(len(result.stored))
         if len(receipts) == 1:
             services.log.info("publish", path="http", topic=receipts[0].topic,
                               seq=receipts[0].seq, id=receipts[0].id)
@@ -165,7 +166,7 @@ class PublishHandler(ApiHandler):
         bucket = buckets.get(self.api_key)
         if bucket is None:
             bucket = buckets[self.api_key] = TokenBucket(rate, max(rate, 1.0))
-        if not bucket.take():
+        if not bucket.take(count):
             retry = max(1, math.ceil(bucket.retry_after()))
             raise ApiError(429, protocol.RATE_LIMITED, "publish rate limit reached",
                            {"Retry-After": str(retry)})
