@@ -39,7 +39,7 @@ class Services:
     publish_buckets: dict[str, TokenBucket] = field(default_factory=dict)
 
 
-def build_services(config: Config, store: Store, broker: Broker, jwt_secret: str) -> Services:
+def build_services(config: Config, store: Store, broker: Broker) -> Services:
     metrics = Metrics()
     hub = Hub(config.limits.max_buffered_bytes, on_delivered=_delivery_observer(metrics))
     broker.listen(hub.deliver)
@@ -48,7 +48,7 @@ def build_services(config: Config, store: Store, broker: Broker, jwt_secret: str
     return Services(
         config=config, store=store, broker=broker, hub=hub,
         publisher=Publisher(store, broker, metrics.delivery_latency.observe),
-        verifier=TokenVerifier(config.auth, jwt_secret),
+        verifier=TokenVerifier(config.auth),
         api_keys=ApiKeys(config.auth.api_keys),
         metrics=metrics,
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jwt
 
-from notifier.config import AuthConfig
+from notifier.config import AuthConfig, ConfigError
 from notifier.topics import is_valid_pattern, is_valid_user, matches_any, owner_of, personal_topic
 
 
@@ -58,12 +58,12 @@ def _patterns(claims: dict, name: str) -> tuple[str, ...]:
 class TokenVerifier:
     """Verifies JWTs against the configured key and pinned algorithms."""
 
-    def __init__(self, config: AuthConfig, secret: str):
+    def __init__(self, config: AuthConfig):
         self.algorithms = list(config.jwt_algorithms)
         if config.jwt_public_key_file:
             self.key: str | bytes = Path(config.jwt_public_key_file).read_bytes()
         else:
-            self.key = secret
+            self.key = config.jwt_secret
         self.audience = config.audience or None
         self.issuer = config.issuer or None
 
@@ -148,8 +148,12 @@ def development_credentials(state_dir: Path) -> DevCredentials:
     in the state directory (mode 0600) so minted tokens stay valid."""
     path = state_dir / "dev-credentials.json"
     if path.exists():
-        stored = json.loads(path.read_text())
-        return DevCredentials(stored["jwt_secret"], stored["api_key"], path)
+        try:
+            stored = json.loads(path.read_text())
+            return DevCredentials(str(stored["jwt_secret"]), str(stored["api_key"]), path)
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(f"{path} is unreadable; delete it to generate new development "
+                              "credentials (tokens minted with the old ones stop working)") from None
     state_dir.mkdir(parents=True, exist_ok=True)
     values = {"jwt_secret": secrets.token_urlsafe(32), "api_key": "dev-" + secrets.token_urlsafe(18)}
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

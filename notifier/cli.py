@@ -37,7 +37,8 @@ def _secret_for_cli(config: Config) -> tuple[str, str]:
     if not symmetric:
         raise ValueError("tokens for RS256/ES256 are signed with your private key, "
                          "not by notifier")
-    return resolve_secrets(config).jwt_secret, symmetric[0]
+    resolve_secrets(config)
+    return config.auth.jwt_secret, symmetric[0]
 
 
 def _base_url(config: Config, url: str | None) -> str:
@@ -193,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         config = config_module.load(args.config)
     except ConfigError as exc:
         return _fail(str(exc))
-    return args.run(args, config)
+    try:
+        return args.run(args, config)
+    except ConfigError as exc:
+        return _fail(str(exc))
 
 
 if __name__ == "__main__":

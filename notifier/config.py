@@ -240,6 +240,8 @@ def validate(config: Config) -> None:
     symmetric = [a for a in algorithms if a.startswith("HS")]
     if symmetric and len(symmetric) != len(algorithms):
         bad("auth.jwt_algorithms", "do not mix HS* with public-key algorithms")
+    if symmetric and config.auth.jwt_public_key_file:
+        bad("auth.jwt_public_key_file", "is for RS*/ES* algorithms; HS* tokens use auth.jwt_secret")
     if not symmetric and not config.auth.jwt_public_key_file:
         bad("auth.jwt_public_key_file", f"required for {', '.join(algorithms)}")
     if config.auth.jwt_public_key_file and not Path(config.auth.jwt_public_key_file).is_file():

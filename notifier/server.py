@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from tornado.httpserver import HTTPServer
@@ -32,22 +31,18 @@ STATUS_INTERVAL = 5.0
 BODY_SLACK = 1024 * 1024
 
 
-@dataclass
-class Secrets:
-    jwt_secret: str
-    dev: DevCredentials | None
-
-
-def resolve_secrets(config: Config) -> Secrets:
+def resolve_secrets(config: Config) -> DevCredentials | None:
     """The JWT secret and API keys to use; with none configured, development
-    ones kept in the state directory (and the config is updated to use them)."""
+    ones kept in the state directory (and the config is updated to use them).
+    Raises ConfigError when the kept development credentials are unreadable."""
     uses_secret = any(a.startswith("HS") for a in config.auth.jwt_algorithms)
     if config.auth.jwt_secret or not uses_secret:
-        return Secrets(config.auth.jwt_secret, None)
+        return None
     dev = development_credentials(config_module.state_directory())
+    config.auth.jwt_secret = dev.jwt_secret
     if not config.auth.api_keys:
         config.auth.api_keys = [dev.api_key]
-    return Secrets(dev.jwt_secret, dev)
+    return dev
 
 
 def store_path(config: Config) -> Path:
@@ -66,7 +61,11 @@ class Server:
 
     async def run(self) -> int:
         config = self.config
-        secrets = resolve_secrets(config)
+        try:
+            dev = resolve_secrets(config)
+        except ConfigError as exc:
+            print(f"notifier: {exc}", file=sys.stderr)
+            return 1
         path = store_path(config)
         store = SQLiteStore(path, config.retention.max_messages, config.retention.max_age)
         try:
@@ -74,8 +73,7 @@ class Server:
         except StoreError as exc:
             print(f"notifier: {exc}", file=sys.stderr)
             return 1
-        services = self.services = build_services(config, store, LocalBroker(), secrets.jwt_secret)
-        self.secret = secrets.jwt_secret
+        services = self.services = build_services(config, store, LocalBroker())
         http = HTTPServer(make_app(services), xheaders=config.server.xheaders,
                           max_body_size=config.limits.max_body_bytes + BODY_SLACK)
         try:
@@ -103,8 +101,11 @@ class Server:
             timer.start()
         self.log.info("server.started", host=config.server.host, port=port, store=str(path),
                       backend="sqlite", pid=os.getpid())
-        if secrets.dev is not None:
-            _print_dev_banner(config, port, secrets.dev)
+        if dev is not None:
+            _print_dev_banner(config, port, dev)
+        if not config.auth.api_keys:
+            self.log.warning("config.no_api_keys",
+                             message="auth.api_keys is empty: every HTTP API call will get 401")
         self.systemd.ready()
         self.report_status()
         self.systemd.watchdog()
@@ -115,13 +116,15 @@ class Server:
         self.log.info("server.draining", connections=len(services.hub.peers),
                       in_flight=services.publisher.in_flight)
         services.draining = True
-        http.stop()  # no new connections
-        for peer in list(services.hub.peers):
-            peer.close_with(protocol.CLOSE_GOING_AWAY, "server shutting down")
+        http.stop()  # no new connections; new requests on open ones get 503
+        # Publishes already in flight (HTTP or socket) commit and get their
+        # answer before their sockets close.
         try:
             await asyncio.wait_for(services.publisher.wait_idle(), config.server.drain_timeout)
         except asyncio.TimeoutError:
             self.log.error("server.drain_timeout", in_flight=services.publisher.in_flight)
+        for peer in list(services.hub.peers):
+            peer.close_with(protocol.CLOSE_GOING_AWAY, "server shutting down")
         # Give answers and close frames a moment to leave, then hang up.
         try:
             await asyncio.wait_for(http.close_all_connections(), 1.0)
@@ -149,15 +152,17 @@ class Server:
             self.systemd.ready()
             return
         services = self.services
-        if not fresh.auth.jwt_secret and any(a.startswith("HS") for a in fresh.auth.jwt_algorithms):
-            fresh.auth.jwt_secret = self.secret  # still the development secret
-        if not fresh.auth.api_keys:
-            fresh.auth.api_keys = services.config.auth.api_keys
+        try:
+            resolve_secrets(fresh)  # development credentials, if still unconfigured
+        except ConfigError as exc:
+            self.log.error("config.reload_failed", error=str(exc))
+            self.systemd.ready()
+            return
         logs.configure(fresh.log.level)
         services.config.log.level = fresh.log.level
         services.config.auth = fresh.auth
         services.api_keys = ApiKeys(fresh.auth.api_keys)
-        services.verifier = TokenVerifier(fresh.auth, fresh.auth.jwt_secret)
+        services.verifier = TokenVerifier(fresh.auth)
         self.log.info("config.reloaded", log_level=fresh.log.level,
                       api_keys=len(fresh.auth.api_keys))
         self.systemd.ready()
@@ -165,7 +170,8 @@ class Server:
 
 def _print_dev_banner(config: Config, port: int, dev: DevCredentials) -> None:
     host = config.server.host
-    key = config.auth.api_keys[0]
+    # Only the generated key is shown; a configured one stays out of the output.
+    key = dev.api_key if dev.api_key in config.auth.api_keys else "<one of auth.api_keys>"
     print(
         f"""
 notifier is running with development credentials (no auth.jwt_secret configured);

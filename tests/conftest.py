@@ -32,7 +32,7 @@ def config(tmp_path) -> Config:
 def services(io_loop, config):
     store = SQLiteStore(config.store.path, config.retention.max_messages, config.retention.max_age)
     io_loop.run_sync(store.open)
-    services = build_services(config, store, LocalBroker(), config.auth.jwt_secret)
+    services = build_services(config, store, LocalBroker())
     yield services
     io_loop.run_sync(store.close)
 

@@ -20,7 +20,7 @@ LONG_SECRET = "hs512-needs-64-bytes-" + "z" * 50
 
 
 def hs256_verifier(**auth) -> TokenVerifier:
-    return TokenVerifier(AuthConfig(jwt_secret=SECRET, **auth), SECRET)
+    return TokenVerifier(AuthConfig(jwt_secret=SECRET, **auth))
 
 
 def sign(claims: dict, key=SECRET, algorithm: str = "HS256", headers: dict | None = None) -> str:
@@ -91,13 +91,12 @@ class TestHS256:
         refused(hs256_verifier(), f"{header}.{payload}.")
 
     def test_hs512_refused_when_only_hs256_is_pinned(self):
-        verifier = TokenVerifier(AuthConfig(jwt_secret=LONG_SECRET), LONG_SECRET)
+        verifier = TokenVerifier(AuthConfig(jwt_secret=LONG_SECRET))
         assert verifier.verify(sign(claims(), key=LONG_SECRET)).user == "alice"
         assert "algorithm" in refused(verifier, sign(claims(), key=LONG_SECRET, algorithm="HS512"))
 
     def test_hs512_accepted_when_pinned(self):
-        verifier = TokenVerifier(AuthConfig(jwt_secret=LONG_SECRET, jwt_algorithms=["HS512"]),
-                                 LONG_SECRET)
+        verifier = TokenVerifier(AuthConfig(jwt_secret=LONG_SECRET, jwt_algorithms=["HS512"]))
         assert verifier.verify(sign(claims(), key=LONG_SECRET, algorithm="HS512")).user == "alice"
         refused(verifier, sign(claims(), key=LONG_SECRET, algorithm="HS256"))
 
@@ -158,7 +157,7 @@ class TestPublicKeyAlgorithms:
         path.write_bytes(public_pem(rsa_key))
         config = load(None, env={"NOTIFIER_AUTH_JWT_ALGORITHMS": "RS256",
                                  "NOTIFIER_AUTH_JWT_PUBLIC_KEY_FILE": str(path)})
-        return TokenVerifier(config.auth, config.auth.jwt_secret)
+        return TokenVerifier(config.auth)
 
     def test_rs256_accepted(self, tmp_path, rsa_key):
         exp = int(time.time()) + 60
@@ -191,7 +190,7 @@ class TestPublicKeyAlgorithms:
         path = tmp_path / "es.pub"
         path.write_bytes(public_pem(key))
         verifier = TokenVerifier(AuthConfig(jwt_algorithms=["ES256"],
-                                            jwt_public_key_file=str(path)), "")
+                                            jwt_public_key_file=str(path)))
         assert verifier.verify(sign(claims(sub="bob"), key=key, algorithm="ES256")).user == "bob"
         refused(verifier, sign(claims(), key=SECRET, algorithm="HS256"))
 
