@@ -28,6 +28,7 @@ INVALID_TOPIC = "invalid_topic"
 TOO_LARGE = "too_large"
 RATE_LIMITED = "rate_limited"
 UNAUTHORIZED = "unauthorized"
+UNAVAILABLE = "unavailable"  # ours: the server could not do it now (store failure); retry
 
 # Close codes (SPEC "Close codes").
 CLOSE_NORMAL = 1000

@@ -17,7 +17,7 @@ OLD_KEY = "key-one-123"
 NEW_KEY = "key-two-456"
 # notifier itself logs nothing at debug level; Tornado does, through the same
 # JSON pipeline, when a plain GET reaches /ws without an Upgrade header.
-DEBUG_EVENT = 'Can "Upgrade" only to "WebSocket".'
+DEBUG_EVENT = "connection.not_websocket"
 
 
 def config_text(level: str, keys: list[str]) -> str:
@@ -44,7 +44,7 @@ def publish(server: ServerProcess, key: str, topic: str, data) -> tuple[int, dic
 
 
 def provoke_debug_line(server: ServerProcess) -> None:
-    """A plain GET on /ws (valid token, no Upgrade): Tornado answers 400 and
+    """A plain GET on /ws (valid token, no Upgrade): notifier answers 400 and
     logs DEBUG_EVENT at debug level. Then wait until a later request's access
     line is in stdout, so every line before it is too."""
     status, _ = server.request("GET", "/ws", key=None,
@@ -107,7 +107,7 @@ async def test_sighup_changes_log_level_and_rotates_api_key_keeping_websocket(
 
         provoke_debug_line(server)
         (line,) = debug_lines(server)
-        assert line["level"] == "debug" and line["logger"] == "tornado.general"
+        assert line["level"] == "debug" and line["path"] == "/ws"
         # Info lines still come out at debug level.
         assert server.find_events("publish", topic="news.reload", seq=1)[0]["level"] == "info"
         assert len(server.find_events("connection.open", user="alice")) == 1

@@ -45,6 +45,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         self.user = ""
         self.compressed = False
         self.refused_in_a_row = 0
+        self.registered = False  # in the hub and counted; cleaned up once on close
 
     # Handshake
 
@@ -60,6 +61,12 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(orjson.dumps({"error": {"code": code, "message": message}}))
 
+    def write_error(self, status_code: int, **kwargs) -> None:
+        # e.g. 405 for POST /ws: JSON like every other error.
+        self.set_header("Content-Type", "application/json")
+        self.finish(orjson.dumps({"error": {"code": "bad_request",
+                                            "message": self._reason}}))
+
     async def get(self, *args, **kwargs) -> None:
         if self.services.draining:
             return self._refuse(503, "unavailable", "server is shutting down")
@@ -71,6 +78,11 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         except AuthError as exc:
             self.services.log.info("connection.refused", reason=str(exc), ip=self.request.remote_ip)
             return self._refuse(401, "unauthorized", str(exc))
+        if self.request.headers.get("Upgrade", "").lower() != "websocket":
+            self.services.log.debug("connection.not_websocket", path=self.request.path,
+                                    ip=self.request.remote_ip)
+            return self._refuse(400, "bad_request", "this endpoint speaks WebSocket only "
+                                "(send Upgrade: websocket)")
         await super().get(*args, **kwargs)
 
     def check_origin(self, origin: str) -> bool:
@@ -114,6 +126,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
             return
         self.set_nodelay(True)
         services.hub.add(self)
+        self.registered = True
         services.metrics.connections.inc()
         services.log.info("connection.open", conn=self.id, user=self.user,
                           ip=self.request.remote_ip)
@@ -127,7 +140,8 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         services = self.services
         if self.outbox is not None:
             self.outbox.discard()
-        if self in services.hub.peers:
+        if self.registered:
+            self.registered = False
             services.hub.remove(self)
             services.metrics.connections.dec()
             services.log.info(
@@ -223,7 +237,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         except StoreError as exc:
             hub.unsubscribe(self, topic)
             services.log.error("store.read_failed", topic=topic, error=str(exc))
-            self._error(ProtocolError(protocol.BAD_REQUEST, "history is unavailable; retry", ref))
+            self._error(ProtocolError(protocol.UNAVAILABLE, "history is unavailable; retry", ref))
             return
         if not hub.is_current(subscription):
             return
@@ -258,6 +272,10 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
                     await outbox.drain()
                     if outbox.closed or not hub.is_current(subscription):
                         return
+                    # No frames (pongs included) are read while a command runs;
+                    # a client draining its replay is alive all the same.
+                    self.last_seen = time.monotonic()
+                    self.ping_sent_at = None
             if len(messages) < REPLAY_PAGE:
                 return
             page = await self.services.store.read_since(
@@ -281,7 +299,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
             self._error(ProtocolError(protocol.BAD_REQUEST, str(exc), command.ref))
         except StoreError as exc:
             self.services.log.error("store.cursor_failed", topic=command.topic, error=str(exc))
-            self._error(ProtocolError(protocol.BAD_REQUEST, "ack not stored; retry", command.ref))
+            self._error(ProtocolError(protocol.UNAVAILABLE, "ack not stored; retry", command.ref))
 
     async def _on_publish(self, command: protocol.Publish) -> None:
         services = self.services
@@ -296,10 +314,10 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
             self.send(protocol.published(command.topic, None, message.id, command.ref))
             return
         try:
-            (receipt,) = await services.publisher.publish([draft])
+            (receipt,) = (await services.publisher.publish([draft])).receipts
         except StoreError as exc:
             services.log.error("publish.failed", topic=command.topic, error=str(exc))
-            self._error(ProtocolError(protocol.BAD_REQUEST, "not stored; retry", command.ref))
+            self._error(ProtocolError(protocol.UNAVAILABLE, "not stored; retry", command.ref))
             return
         services.metrics.published.labels("ws", "stored").inc()
         services.log.info("publish", path="ws", topic=receipt.topic, seq=receipt.seq,
