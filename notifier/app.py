@@ -13,7 +13,6 @@ from notifier.broker.base import Broker
 from notifier.config import Config
 from notifier.handlers import api, health, ws
 from notifier.hub import Hub
-from notifier.messages import Message
 from notifier.metrics import Metrics
 from notifier.outbox import Flusher
 from notifier.publish import Publisher
@@ -33,7 +32,7 @@ class Services:
     verifier: TokenVerifier
     api_keys: ApiKeys
     metrics: Metrics
-    flusher: Flusher = field(default_factory=Flusher)
+    flusher: Flusher
     log: Any = field(default_factory=logs.get)
     draining: bool = False
     publish_buckets: dict[str, TokenBucket] = field(default_factory=dict)
@@ -41,7 +40,9 @@ class Services:
 
 def build_services(config: Config, store: Store, broker: Broker) -> Services:
     metrics = Metrics()
-    hub = Hub(config.limits.max_buffered_bytes, on_delivered=_delivery_observer(metrics))
+    flusher = Flusher()
+    hub = Hub(config.limits.max_buffered_bytes, flusher.schedule, metrics.delivered.inc)
+    flusher.before.append(hub.flush)
     broker.listen(hub.deliver)
     if hasattr(store, "commit_observer"):
         store.commit_observer = metrics.observe_commit
@@ -51,13 +52,8 @@ def build_services(config: Config, store: Store, broker: Broker) -> Services:
         verifier=TokenVerifier(config.auth),
         api_keys=ApiKeys(config.auth.api_keys),
         metrics=metrics,
+        flusher=flusher,
     )
-
-
-def _delivery_observer(metrics: Metrics):
-    def observe(message: Message, sent: int) -> None:
-        metrics.delivered.inc(sent)
-    return observe
 
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:

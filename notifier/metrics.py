@@ -34,6 +34,11 @@ class Metrics:
         self.errors = Counter(
             "notifier_errors", "Errors answered, by code", ["code"], registry=r)
 
+        # Children looked up once: labels() takes a lock and a dict lookup per call.
+        self.published_http = self.published.labels("http", "stored")
+        self.published_ws_stored = self.published.labels("ws", "stored")
+        self.published_ws_ephemeral = self.published.labels("ws", "ephemeral")
+
     def observe_commit(self, seconds: float, jobs: int) -> None:
         # Called from the store's writer thread; prometheus_client is thread-safe.
         self.commit_latency.observe(seconds)

@@ -16,20 +16,27 @@ from tornado.websocket import WebSocketClosedError
 
 
 class Flusher:
-    """Flushes every outbox that got frames this loop turn, once, at its end."""
+    """Once per loop turn, at its end: first the ``before`` hooks (the hub's
+    fan-out of the turn's messages), then every outbox that got frames."""
 
     def __init__(self) -> None:
         self._dirty: list["Outbox"] = []
         self._scheduled = False
+        self.before: list[Callable[[], None]] = []
 
-    def mark(self, outbox: "Outbox") -> None:
-        self._dirty.append(outbox)
+    def schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.flush_all)
 
+    def mark(self, outbox: "Outbox") -> None:
+        self._dirty.append(outbox)
+        self.schedule()
+
     def flush_all(self) -> None:
         self._scheduled = False
+        for hook in self.before:
+            hook()
         dirty, self._dirty = self._dirty, []
         for outbox in dirty:
             outbox.flush()
@@ -59,22 +66,38 @@ class Outbox:
         self._last_write: Awaitable[None] | None = None
 
     def send(self, frame: bytes, payload: bytes) -> None:
+        """Queue one message: ``frame`` is its uncompressed frame, ``payload``
+        its JSON (what a compressing connection sends instead)."""
         if self.closed:
             return
         if self.write_compressed is not None:
-            try:
-                self._last_write = self.write_compressed(payload)
-            except StreamBufferFullError:
-                self.overflow()
-            except WebSocketClosedError:
-                pass
-            else:
-                self.pending += len(payload)
+            self.send_compressed(payload)
             return
         if not self.chunks:
             self.flusher.mark(self)
         self.chunks.append(frame)
         self.pending += len(frame)
+
+    def send_compressed(self, payload: bytes) -> None:
+        try:
+            self._last_write = self.write_compressed(payload)
+        except StreamBufferFullError:
+            self.overflow()
+        except WebSocketClosedError:
+            pass
+        else:
+            self.pending += len(payload)
+
+    def push(self, frames: bytes) -> None:
+        """During the flush pass: write ``frames`` now, or behind what is
+        already queued so the order holds."""
+        if self.closed:
+            return
+        if self.chunks:
+            self.chunks.append(frames)
+            return
+        self.chunks = [frames]
+        self.flush()
 
     def flush(self) -> None:
         if self.closed or not self.chunks:

@@ -134,3 +134,20 @@ async def test_stalled_reader_is_cut_off_with_memory_bounded_and_others_keep_pac
     # Resuming with since is how the cut-off client catches up: nothing lost.
     status, body = await api(port, "GET", "/api/topics/fan.slow/messages?since=3900&limit=1000")
     assert status == 200 and [m["seq"] for m in body["messages"]] == list(range(3901, 4001))
+
+
+async def test_pipelined_socket_publishes_keep_order_and_share_commits(port, services):
+    publisher = await connect(port, token("pub", topics=[], publish=["fan.>"]))
+    commits_before = services.metrics.commit_size._sum.get()  # jobs committed so far
+    groups_before = sum(b.get() for b in services.metrics.commit_size._buckets)
+    for n in range(50):
+        await publisher.send({"type": "publish", "topic": "fan.pipe", "data": n, "ref": n})
+    await publisher.send({"type": "ping", "ref": "after"})
+    replies = [await publisher.expect("published") for _ in range(50)]
+    assert [(r["ref"], r["seq"]) for r in replies] == [(n, n + 1) for n in range(50)]
+    assert (await publisher.expect("pong"))["ref"] == "after"
+    jobs = services.metrics.commit_size._sum.get() - commits_before
+    groups = sum(b.get() for b in services.metrics.commit_size._buckets) - groups_before
+    assert jobs == 50
+    assert groups < 25, f"50 pipelined publishes took {groups} commits"
+    publisher.close()

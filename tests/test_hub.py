@@ -18,8 +18,9 @@ class Peer:
         self.frames: list[tuple[bytes, bytes]] = []
         self.slow = 0
 
-    def send_frame(self, frame: bytes, payload: bytes) -> None:
-        self.frames.append((frame, payload))
+    def send_frames(self, frames: bytes, payloads) -> None:
+        # One entry per message, each with the bytes object it went out in.
+        self.frames.extend((frames, payload) for payload in payloads)
 
     def slow_consumer(self) -> None:
         self.slow += 1
@@ -36,8 +37,16 @@ def message(topic: str, seq: int | None, data=None) -> Message:
     return Message(topic, seq, f"id-{topic}-{seq}", "2024-05-01T12:00:00.000Z", None, body)
 
 
+class ImmediateHub(Hub):
+    """Flushes right after each deliver: the end of a loop turn, with no loop."""
+
+    def deliver(self, messages) -> None:
+        super().deliver(messages)
+        self.flush()
+
+
 def hub_with(*peers: Peer, max_parked_bytes: int = 1 << 20, **kwargs) -> Hub:
-    hub = Hub(max_parked_bytes, **kwargs)
+    hub = ImmediateHub(max_parked_bytes, lambda: None, **kwargs)
     for peer in peers:
         hub.add(peer)
     return hub
@@ -238,10 +247,29 @@ def test_go_live_resets_parked_bytes():
 def test_counters_and_delivery_callback():
     seen = []
     alice, bob = Peer("c1", "alice"), Peer("c2", "bob")
-    hub = hub_with(alice, bob, on_delivered=lambda m, sent: seen.append((m.topic, m.seq, sent)))
+    hub = hub_with(alice, bob, on_delivered=seen.append)
     live(hub, alice, "news")
     live(hub, bob, "news")
     hub.deliver([message("news", 1), message("nobody", 1)])
     assert hub.messages_in == 2 and hub.messages_out == 2
-    assert seen[0] == ("news", 1, 2)
-    assert all(sent == 0 for topic, _, sent in seen if topic == "nobody")
+    assert seen == [2]
+    hub.deliver([message("nobody", 2)])
+    assert seen == [2] and hub.messages_in == 3
+
+
+def test_one_turn_of_messages_goes_to_each_peer_in_one_write():
+    peers = [Peer(f"c{i}", f"user{i}") for i in range(3)]
+    hub = Hub(1 << 20, lambda: None)
+    for peer in peers:
+        hub.add(peer)
+        live(hub, peer, "news")
+    batch = [message("news", seq) for seq in range(1, 6)]
+    hub.deliver(batch[:2])
+    hub.deliver(batch[2:])
+    assert peers[0].frames == []  # nothing leaves before the end of the turn
+    hub.flush()
+    joined = b"".join(text_frame(m.payload()) for m in batch)
+    for peer in peers:
+        assert peer.seqs() == [1, 2, 3, 4, 5]
+        assert {id(frames) for frames, _ in peer.frames} == {id(peers[0].frames[0][0])}
+        assert peer.frames[0][0] == joined

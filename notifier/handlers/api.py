@@ -150,7 +150,7 @@ class PublishHandler(ApiHandler):
             services.log.error("publish.failed", error=str(exc), count=len(drafts))
             raise ApiError(503, "unavailable", "message not stored; retry") from None
         receipts = result.receipts
-        services.metrics.published.labels("http", "stored").inc(len(result.stored))
+        services.metrics.published_http.inc(len(result.stored))
         if len(receipts) == 1:
             services.log.info("publish", path="http", topic=receipts[0].topic,
                               seq=receipts[0].seq, id=receipts[0].id)

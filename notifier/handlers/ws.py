@@ -8,9 +8,10 @@ next frame, so one connection's commands run in order.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable
 from urllib.parse import urlsplit
 
 import orjson
@@ -46,6 +47,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         self.compressed = False
         self.refused_in_a_row = 0
         self.registered = False  # in the hub and counted; cleaned up once on close
+        self._chain: asyncio.Future | None = None  # the last durable publish's reply
 
     # Handshake
 
@@ -172,8 +174,12 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
     def send(self, payload: bytes) -> None:
         self.outbox.send(b"" if self.compressed else text_frame(payload), payload)
 
-    def send_frame(self, frame: bytes, payload: bytes) -> None:
-        self.outbox.send(frame, payload)
+    def send_frames(self, frames: bytes, payloads) -> None:
+        if self.compressed:
+            for payload in payloads:
+                self.outbox.send_compressed(payload)
+        else:
+            self.outbox.push(frames)
 
     def slow_consumer(self) -> None:
         self.outbox.overflow()
@@ -191,7 +197,14 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
 
     # Commands
 
-    async def on_message(self, message: str | bytes) -> None:
+    def on_message(self, message: str | bytes) -> Awaitable[None] | None:
+        """Run one command. Quick ones run right here, so frames that arrived
+        together are handled in one loop turn and their replies and fan-out
+        leave together; ones that wait on the store return an awaitable, and
+        Tornado reads no further frame until it is done. Durable publishes
+        are the exception: they queue for the store's next group commit at
+        once, and their replies (and anything after them) keep command order
+        through ``_chain``."""
         self.last_seen = time.monotonic()
         self.ping_sent_at = None
         command = protocol.parse(message, self.config.limits.max_message_bytes)
@@ -200,16 +213,31 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
             if self.refused_in_a_row > self.config.limits.commands_burst:
                 self.services.log.warning("connection.rate_limited", conn=self.id, user=self.user)
                 self.close_with(protocol.CLOSE_RATE_LIMITED, "rate limited")
-                return
+                return None
             ref = None if isinstance(command, ProtocolError) else command.ref
-            self._error(ProtocolError(protocol.RATE_LIMITED, "too many commands; slow down", ref))
-            return
-        self.refused_in_a_row = 0
+            command = ProtocolError(protocol.RATE_LIMITED, "too many commands; slow down", ref)
+        else:
+            self.refused_in_a_row = 0
+        if isinstance(command, protocol.Publish) and not command.ephemeral:
+            self._chain = asyncio.ensure_future(self._publish_in_order(command, self._chain))
+            return None
+        if self._chain is not None:
+            if not self._chain.done():
+                return self._after_chain(command)
+            self._chain = None
+        return self._run(command)
+
+    def _run(self, command) -> Awaitable[None] | None:
         if isinstance(command, ProtocolError):
             self._error(command)
-            return
-        handler = getattr(self, "_on_" + type(command).__name__.lower())
-        await handler(command)
+            return None
+        return getattr(self, "_on_" + type(command).__name__.lower())(command)
+
+    async def _after_chain(self, command) -> None:
+        await self._chain
+        result = self._run(command)
+        if result is not None:
+            await result
 
     async def _on_subscribe(self, command: protocol.Subscribe) -> None:
         if not self.identity.can_subscribe(command.topic):
@@ -284,7 +312,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
                 return
             messages = page.messages
 
-    async def _on_unsubscribe(self, command: protocol.Unsubscribe) -> None:
+    def _on_unsubscribe(self, command: protocol.Unsubscribe) -> None:
         self.services.hub.unsubscribe(self, command.topic)
         self.send(protocol.unsubscribed(command.topic, command.ref))
 
@@ -301,33 +329,49 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
             self.services.log.error("store.cursor_failed", topic=command.topic, error=str(exc))
             self._error(ProtocolError(protocol.UNAVAILABLE, "ack not stored; retry", command.ref))
 
-    async def _on_publish(self, command: protocol.Publish) -> None:
+    def _forbidden_to_publish(self, command: protocol.Publish) -> ProtocolError | None:
+        if self.identity.can_publish(command.topic):
+            return None
+        return ProtocolError(protocol.FORBIDDEN, f"not allowed to publish to {command.topic}",
+                             command.ref)
+
+    def _on_publish(self, command: protocol.Publish) -> None:
+        """Ephemeral publishes only: delivered live, never stored."""
         services = self.services
-        if not self.identity.can_publish(command.topic):
-            self._error(ProtocolError(protocol.FORBIDDEN,
-                                      f"not allowed to publish to {command.topic}", command.ref))
+        refused = self._forbidden_to_publish(command)
+        if refused is not None:
+            self._error(refused)
             return
-        draft = Draft(command.topic, command.data, command.event)
-        if command.ephemeral:
-            message = services.publisher.publish_ephemeral(draft)
-            services.metrics.published.labels("ws", "ephemeral").inc()
-            self.send(protocol.published(command.topic, None, message.id, command.ref))
+        message = services.publisher.publish_ephemeral(
+            Draft(command.topic, command.data, command.event))
+        services.metrics.published_ws_ephemeral.inc()
+        self.send(protocol.published(command.topic, None, message.id, command.ref))
+
+    async def _publish_in_order(self, command: protocol.Publish, previous: asyncio.Future | None) -> None:
+        services = self.services
+        refused = self._forbidden_to_publish(command)
+        receipt = None
+        if refused is None:
+            try:
+                (receipt,) = (await services.publisher.publish(
+                    [Draft(command.topic, command.data, command.event)])).receipts
+            except StoreError as exc:
+                services.log.error("publish.failed", topic=command.topic, error=str(exc))
+                refused = ProtocolError(protocol.UNAVAILABLE, "not stored; retry", command.ref)
+        if previous is not None:
+            await previous  # replies go out in command order
+        if refused is not None:
+            self._error(refused)
             return
-        try:
-            (receipt,) = (await services.publisher.publish([draft])).receipts
-        except StoreError as exc:
-            services.log.error("publish.failed", topic=command.topic, error=str(exc))
-            self._error(ProtocolError(protocol.UNAVAILABLE, "not stored; retry", command.ref))
-            return
-        services.metrics.published.labels("ws", "stored").inc()
+        services.metrics.published_ws_stored.inc()
         services.log.info("publish", path="ws", topic=receipt.topic, seq=receipt.seq,
-                           id=receipt.id, conn=self.id, user=self.user)
+                          id=receipt.id, conn=self.id, user=self.user)
         self.send(protocol.published(receipt.topic, receipt.seq, receipt.id, command.ref))
 
-    async def _on_ping(self, command: protocol.Ping) -> None:
+    def _on_ping(self, command: protocol.Ping) -> None:
         self.send(protocol.pong(command.ref))
 
-    async def _on_auth(self, command: protocol.Auth) -> None:
+    def _on_auth(self, command: protocol.Auth) -> None:
         try:
             identity = self.services.verifier.verify(command.token)
         except AuthError as exc:
