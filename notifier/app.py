@@ -56,13 +56,16 @@ def build_services(config: Config, store: Store, broker: Broker) -> Services:
     )
 
 
+_access_log = logs.get("notifier.access")
+
+
 def _log_request(handler: tornado.web.RequestHandler) -> None:
     # Tornado's default access line includes the query string, where a
     # WebSocket token may be: log the path only.
     request = handler.request
     status = handler.get_status()
-    log = logs.get("notifier.access")
-    emit = log.info if status < 400 else log.warning if status < 500 else log.error
+    emit = _access_log.info if status < 400 else _access_log.warning if status < 500 \
+        else _access_log.error
     emit("http.request", method=request.method, path=request.path, status=status,
          duration_ms=round(request.request_time() * 1000, 2), ip=request.remote_ip)
 

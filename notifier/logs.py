@@ -1,12 +1,17 @@
 """Structured logging: one JSON object per line on stdout, for our events and
 for Tornado's and the standard library's loggers alike. Tokens never appear:
-a last processor scrubs anything that looks like one."""
+a last processor scrubs anything that looks like one.
+
+The level check is a comparison against a module-level number, done before
+structlog is touched, so a filtered-out event on a hot path costs next to
+nothing; ``configure`` changes level and stream at run time (SIGHUP, tests)."""
 
 from __future__ import annotations
 
 import logging
 import re
 import sys
+from typing import IO
 
 import orjson
 import structlog
@@ -18,6 +23,24 @@ _SECRET_PATTERNS = [
     # A bare JWT (three base64url parts) anywhere in text.
     (re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+"), "[redacted]"),
 ]
+
+_level = logging.INFO
+_level_name = "info"
+
+
+class _Output:
+    """The stream log lines go to, swappable after loggers were created."""
+
+    stream: IO[str] = sys.stdout
+
+    def write(self, text: str) -> int:
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+_output = _Output()
 
 
 def redact(_logger, _method, event_dict: dict) -> dict:
@@ -47,10 +70,12 @@ def _shared_processors() -> list:
     ]
 
 
-def configure(level: str = "info", stream=None) -> None:
+def configure(level: str = "info", stream: IO[str] | None = None) -> None:
     """(Re)configure logging; safe to call again, e.g. on SIGHUP."""
-    stream = stream or sys.stdout
-    numeric = logging.getLevelName(level.upper())
+    global _level, _level_name
+    _level_name = level.lower()
+    _level = logging.getLevelName(level.upper())
+    _output.stream = stream or sys.stdout
     structlog.configure(
         processors=[
             *_shared_processors(),
@@ -58,11 +83,10 @@ def configure(level: str = "info", stream=None) -> None:
             redact,
             _render,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=False,
+        logger_factory=structlog.PrintLoggerFactory(_output),
+        cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(stream)
+    handler = logging.StreamHandler(_output)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[*_shared_processors(), structlog.stdlib.add_logger_name],
         processors=[
@@ -74,10 +98,38 @@ def configure(level: str = "info", stream=None) -> None:
     ))
     root = logging.getLogger()
     root.handlers = [handler]
-    root.setLevel(numeric)
+    root.setLevel(_level)
     # Access lines come from our own log_function (without query strings).
     logging.getLogger("tornado.access").setLevel(logging.WARNING)
 
 
-def get(name: str = "notifier"):
-    return structlog.get_logger(name)
+def settings() -> tuple[str, IO[str]]:
+    """The level and stream in force, to hand back to ``configure`` later."""
+    return _level_name, _output.stream
+
+
+class Logger:
+    __slots__ = ("_logger",)
+
+    def __init__(self, name: str):
+        self._logger = structlog.get_logger(name)
+
+    def debug(self, event: str, **fields) -> None:
+        if _level <= logging.DEBUG:
+            self._logger.debug(event, **fields)
+
+    def info(self, event: str, **fields) -> None:
+        if _level <= logging.INFO:
+            self._logger.info(event, **fields)
+
+    def warning(self, event: str, **fields) -> None:
+        if _level <= logging.WARNING:
+            self._logger.warning(event, **fields)
+
+    def error(self, event: str, **fields) -> None:
+        if _level <= logging.ERROR:
+            self._logger.error(event, **fields)
+
+
+def get(name: str = "notifier") -> Logger:
+    return Logger(name)

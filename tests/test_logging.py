@@ -23,7 +23,7 @@ WRONG_KEY = "wrong-key-0123456789"
 def captured():
     """Every log line (ours, Tornado's, the stdlib's) goes to a StringIO; the
     logging setup in force before is put back afterwards."""
-    saved_structlog = structlog.get_config()
+    saved_logs = logs.settings()
     root = logging.getLogger()
     saved_handlers, saved_level = root.handlers[:], root.level
     access = logging.getLogger("tornado.access")
@@ -31,7 +31,7 @@ def captured():
     stream = io.StringIO()
     logs.configure("debug", stream=stream)
     yield stream
-    structlog.configure(**saved_structlog)
+    logs.configure(*saved_logs)
     root.handlers[:] = saved_handlers
     root.setLevel(saved_level)
     access.setLevel(saved_access_level)
