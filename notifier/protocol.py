@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -113,8 +112,15 @@ def _require_topic(body: dict, ref: Ref) -> str | ProtocolError:
 
 # orjson reads integers wider than 64 bits as floats, silently losing digits;
 # text with 20+ digits in a row goes through the exact (slower) stdlib parser.
-_LONG_DIGITS = re.compile(r"\d{20}")
-_LONG_DIGITS_BYTES = re.compile(rb"\d{20}")
+# Mapping every digit to "1" and everything else to " " finds such a run an
+# order of magnitude faster than a regular expression.
+_DIGITS_AS_ONES = bytes(ord("1") if chr(c).isdigit() and c < 128 else ord(" ") for c in range(256))
+_TWENTY_DIGITS = b"1" * 20
+
+
+def _has_long_digit_run(text: str | bytes) -> bool:
+    raw = text if isinstance(text, bytes) else text.encode()
+    return _TWENTY_DIGITS in raw.translate(_DIGITS_AS_ONES)
 
 
 def _no_constants(name: str):
@@ -130,8 +136,7 @@ def _finite_float(text: str) -> float:
 
 def loads(text: str | bytes):
     """Parse JSON exactly; raises ValueError (JSONDecodeError) when invalid."""
-    pattern = _LONG_DIGITS_BYTES if isinstance(text, bytes) else _LONG_DIGITS
-    if pattern.search(text):
+    if _has_long_digit_run(text):
         return json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
     return orjson.loads(text)
 
