@@ -15,13 +15,14 @@ MAX_TOPIC_LENGTH = 200
 PERSONAL_PREFIX = "user:"
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_\-:@]+")
+_TOPIC = re.compile(r"[A-Za-z0-9_\-:@]+(?:\.[A-Za-z0-9_\-:@]+)*")
 
 
 def is_valid_topic(topic: object) -> bool:
     return (
         isinstance(topic, str)
         and 0 < len(topic) <= MAX_TOPIC_LENGTH
-        and all(_SEGMENT.fullmatch(segment) for segment in topic.split("."))
+        and _TOPIC.fullmatch(topic) is not None
     )
 
 

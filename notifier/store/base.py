@@ -25,7 +25,7 @@ class SeqAboveHead(StoreError):
     """An ack named a seq the topic has not reached."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Receipt:
     """The answer to one published draft: what a publisher is told."""
 
