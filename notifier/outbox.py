@@ -47,6 +47,9 @@ class Outbox:
     per-connection compressor instead (permessage-deflate): such a connection
     cannot share pre-built frames, and its writes go out immediately."""
 
+    __slots__ = ("stream", "limit", "flusher", "on_overflow", "write_compressed", "chunks",
+                 "pending", "closed", "_direct", "_last_write")
+
     def __init__(self, stream: IOStream, limit: int, flusher: Flusher,
                  on_overflow: Callable[[], None],
                  write_compressed: Callable[[bytes], Awaitable[None]] | None = None):
