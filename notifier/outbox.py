@@ -99,8 +99,7 @@ class Outbox:
         if self.chunks:
             self.chunks.append(frames)
             return
-        self.chunks = [frames]
-        self.flush()
+        self._write(frames, (frames,))
 
     def flush(self) -> None:
         if self.closed or not self.chunks:
@@ -109,6 +108,11 @@ class Outbox:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self.chunks = []
         self.pending = 0
+        self._write(data, chunks)
+
+    def _write(self, data: bytes, chunks) -> None:
+        """``data`` is ``chunks`` joined: whole frames, which an overflow must
+        not leave half-sent."""
         stream = self.stream
         if stream.closed():
             return
