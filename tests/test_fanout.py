@@ -151,3 +151,24 @@ async def test_pipelined_socket_publishes_keep_order_and_share_commits(port, ser
     assert jobs == 50
     assert groups < 25, f"50 pipelined publishes took {groups} commits"
     publisher.close()
+
+
+async def test_compression_when_configured_is_per_connection(config, port):
+    config.server.compression = True
+    url = f"ws://127.0.0.1:{port}/ws?token={quote(token('zip', topics=['fan.>']))}"
+    deflating = await websockets.asyncio.client.connect(url, compression="deflate")
+    plain = await websockets.asyncio.client.connect(url, compression=None)
+    assert [type(e).__name__ for e in deflating.protocol.extensions] == ["PerMessageDeflate"]
+    assert plain.protocol.extensions == []
+    for client in (deflating, plain):
+        assert orjson.loads(await client.recv())["type"] == "welcome"
+        assert orjson.loads(await client.recv())["type"] == "subscribed"
+        await client.send(orjson.dumps({"type": "subscribe", "topic": "fan.zip"}).decode())
+        assert orjson.loads(await client.recv())["type"] == "subscribed"
+    batch = [{"topic": "fan.zip", "data": {"n": n, "text": "compressible " * 50}} for n in range(30)]
+    status, body = await api(port, "POST", "/api/publish/batch", {"messages": batch})
+    assert status == 200, body
+    for client in (deflating, plain):
+        received = await _read_seqs(client, 30)
+        assert received == [(n + 1, {"n": n, "text": "compressible " * 50}) for n in range(30)]
+        await client.close()
