@@ -28,8 +28,12 @@ test: $(VENV)/.installed-test
 	bash tests/prereqs.sh
 	$(BIN)/python -m pytest $(ARGS)
 
+# Both benchmarks, one after the other (never at once: each pins its server to core 0).
 bench: $(VENV)/.installed-bench
-	$(BIN)/python -m bench.run $(ARGS)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null) \
+		|| echo "bench: wrk not installed; bench.publish falls back to its Python client" >&2
+	$(BIN)/python -m bench.publish
+	$(BIN)/python -m bench.fanout
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
