@@ -10,7 +10,7 @@ from notifier.app import build_services, make_app
 from notifier.broker.local import LocalBroker
 from notifier.config import Config
 from notifier.store.sqlite import SQLiteStore
-from support import API_KEY, SECRET
+from support import API_KEY, SECRET, connect
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,3 +45,17 @@ def app(services):
 @pytest.fixture
 def port(http_server, http_server_port) -> int:
     return http_server_port[1]
+
+
+@pytest.fixture
+def ws(port):
+    """Connect like ``connect(port, ...)``; every client is closed at teardown."""
+    opened = []
+
+    async def open_client(jwt, **kwargs):
+        client = await connect(port, jwt, **kwargs)
+        opened.append(client)
+        return client
+    yield open_client
+    for client in opened:
+        client.close()

@@ -52,20 +52,6 @@ async def publish_batch(port: int, topic: str, count: int, start: int = 0) -> li
     return results
 
 
-@pytest.fixture
-def ws(port):
-    """Connect like ``connect(port, ...)``; every client is closed at teardown."""
-    opened = []
-
-    async def open_client(jwt, **kwargs):
-        client = await connect(port, jwt, **kwargs)
-        opened.append(client)
-        return client
-    yield open_client
-    for client in opened:
-        client.close()
-
-
 async def until(condition, timeout: float = 3.0) -> None:
     deadline = time.monotonic() + timeout
     while not await condition():

@@ -10,7 +10,6 @@ import time
 
 import orjson
 import pytest
-import structlog
 import tornado.httpclient
 
 from notifier import logs

@@ -6,23 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
-
-from support import api, connect, token
-
-
-@pytest.fixture
-def ws(port):
-    """Connect like ``connect(port, ...)``; every client is closed at teardown."""
-    opened = []
-
-    async def open_client(jwt, **kwargs):
-        client = await connect(port, jwt, **kwargs)
-        opened.append(client)
-        return client
-    yield open_client
-    for client in opened:
-        client.close()
+from support import api, token
 
 
 async def publish(port: int, **body) -> dict:
