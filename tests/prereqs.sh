@@ -3,7 +3,6 @@
 # Fails with one line naming what could not be had, so CI never skips silently.
 set -uo pipefail
 need=()
-command -v redis-server >/dev/null || need+=(redis-server)
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 ((${#need[@]})) || exit 0
