@@ -41,7 +41,15 @@ starts every server as a subprocess (pinned to the other core):
   delta / connections.
 * HTTP publish -> WebSocket receive: ``POST /api/publish`` paced at
   ``--http-rate`` (1,000/s) for ``--http-seconds`` to 1,000 subscribers of a
-  fresh notifier; p99 publish-to-receive.
+  fresh notifier; p99 publish-to-receive. So that the load generator (which
+  also runs the HTTP publisher) is not what delays delivery, only
+  ``--latency-sample`` (100) subscribers, spread through the subscription
+  order, are picows clients that parse and time every message; the others are
+  real WebSocket clients too (the upgrade with the token and the masked
+  ``subscribe`` done by hand on a plain asyncio connection) that then only
+  count the bytes they read, one Python call per read: each must end with at
+  least the bytes a sampled subscriber got for all messages (the same frames),
+  and a shortfall is reported as lost deliveries.
 
 Results: a table on stdout (also as Markdown in ``bench/results/``, with a JSON
 of every round), and the plot ``bench/fanout.png``.
@@ -51,8 +59,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import datetime as _dt
 import gc
+import hashlib
 import json
 import math
 import os
@@ -536,6 +546,206 @@ async def connect_publisher(server: Server) -> Pub:
     return pub
 
 
+# The HTTP scenario's subscribers: a sample of picows ones that parse and time
+# every frame, and byte counters for the rest, so that the load generator stays
+# cheap (about one Python call per socket read instead of one per frame).
+
+
+def _frame_wire_size(payload_size: int) -> int:
+    """Bytes on the wire of an unmasked (server -> client) frame."""
+    return payload_size + (2 if payload_size < 126 else 4 if payload_size < 65536 else 10)
+
+
+class SampledSub(Sub):
+    """A picows subscriber that also adds up the wire size of what it gets once
+    subscribed: the bytes a byte-counting subscriber must see for the same
+    messages."""
+
+    def __init__(self, hub: Hub, index: int):
+        super().__init__(hub, index, True)
+        self.wire = 0
+
+    def on_ws_frame(self, transport: WSTransport, frame) -> None:
+        if self.live:
+            self.wire += _frame_wire_size(frame.payload_size)
+        Sub.on_ws_frame(self, transport, frame)
+
+
+def _masked_frame(opcode: int, payload: bytes) -> bytes:
+    """A client frame (client frames must be masked; a zero mask leaves the
+    payload as it is). Only for short control and command frames."""
+    assert len(payload) < 126
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+
+
+_PONG = _masked_frame(0xA, b"")
+
+
+class RawSub(asyncio.BufferedProtocol):
+    """A real WebSocket subscriber on a plain asyncio connection: the HTTP
+    upgrade (with the token) and the `subscribe` command are done by hand and
+    the replies parsed until `subscribed`; from then on it only counts bytes.
+    Every message has the same wire size as for the sampled subscribers, so a
+    byte total below theirs means lost deliveries."""
+
+    # One receive buffer for all of them: callbacks run one at a time.
+    _buf = bytearray(256 * 1024)
+
+    def __init__(self, hub: Hub, index: int, host: str, token: str):
+        self.hub = hub
+        self.index = index
+        self.live = False
+        self.nbytes = 0  # received after the `subscribed` frame
+        self.reads = 0
+        self.pings = 0
+        self.pending = bytearray()
+        self.upgraded = False
+        self.key = base64.b64encode(os.urandom(16))
+        self.request = (b"GET /ws?token=%s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                        b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                        % (token.encode(), host.encode(), self.key))
+        self.transport: asyncio.Transport | None = None
+        self.ready = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(self.request)
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self._buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.live:
+            self.nbytes += nbytes
+            self.reads += 1
+            # A server ping (0x89 opens its frame; never in ASCII JSON): answer it
+            # so the heartbeat keeps the connection. A false positive only sends
+            # an unsolicited pong, which is allowed.
+            if self._buf.find(b"\x89", 0, nbytes) >= 0:
+                self.pings += 1
+                self.transport.write(_PONG)
+            return
+        self.pending += self._buf[:nbytes]
+        try:
+            self._handshake()
+        except Exception as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _handshake(self) -> None:
+        buf = self.pending
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buf[:end]).split(b"\r\n")
+            if not head[0].startswith(b"HTTP/1.1 101"):
+                raise RuntimeError(f"upgrade refused: {bytes(buf[:300])!r}")
+            accept = base64.b64encode(hashlib.sha1(self.key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            if not any(line.lower().startswith(b"sec-websocket-accept:") and line.split(b":", 1)[1].strip() == accept
+                       for line in head[1:]):
+                raise RuntimeError(f"bad Sec-WebSocket-Accept in {head!r}")
+            del buf[:end + 4]
+            self.upgraded = True
+            self.transport.write(_masked_frame(0x1, _subscribe_cmd(self.index)))
+        while len(buf) >= 2:
+            b0, b1 = buf[0], buf[1]
+            if b1 & 0x80:
+                raise RuntimeError("masked frame from the server")
+            size, at = b1 & 0x7F, 2
+            if size == 126:
+                if len(buf) < 4:
+                    return
+                size, at = int.from_bytes(buf[2:4], "big"), 4
+            elif size == 127:
+                if len(buf) < 10:
+                    return
+                size, at = int.from_bytes(buf[2:10], "big"), 10
+            if len(buf) < at + size:
+                return
+            opcode, payload = b0 & 0x0F, bytes(buf[at:at + size])
+            del buf[:at + size]
+            if opcode == 0x8:
+                raise RuntimeError(f"closed before subscribed: {payload!r}")
+            if opcode == 0x9:
+                self.transport.write(_masked_frame(0xA, payload))
+                continue
+            if opcode != 0x1 or not b0 & 0x80:
+                continue
+            m = orjson.loads(payload)
+            if m.get("type") == "error":
+                raise RuntimeError(f"subscribe refused: {m}")
+            if m.get("type") == "subscribed" and m.get("topic") == TOPIC:
+                self.live = True
+                self.nbytes = len(buf)  # anything after it is counted
+                self.pending = bytearray()
+                self.ready.set_result(None)
+                return
+
+    def connection_lost(self, exc) -> None:
+        if self.live:
+            self.hub.closes.append(f"raw sub {self.index}: connection lost ({exc!r})")
+        if not self.ready.done():
+            self.ready.set_exception(RuntimeError(f"connection lost before subscribed ({exc!r})"))
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+
+async def connect_mixed_subscribers(
+    server: Server, hub: Hub, count: int, sample: int, *, source_ips: list[str], concurrency: int = 100,
+) -> tuple[list[SampledSub], list[RawSub]]:
+    """`count` subscribers, `sample` of them picows ones spread evenly through
+    the connection (and so subscription) order, the rest byte counters."""
+    url = f"{server.url}?token={server.sub_token}"
+    host = f"127.0.0.1:{server.port}"
+    sample = max(0, min(sample, count))
+    sampled_at = {k * count // sample for k in range(sample)} if sample else set()
+    sem = asyncio.Semaphore(concurrency)
+    loop = asyncio.get_running_loop()
+    sampled: list[SampledSub] = []
+    raw: list[RawSub] = []
+
+    async def one(i: int) -> None:
+        ip = source_ips[i % len(source_ips)]
+        async with sem:
+            for attempt in range(5):
+                try:
+                    if i in sampled_at:
+                        _, listener = await ws_connect(
+                            lambda: SampledSub(hub, i), url, websocket_handshake_timeout=60,
+                            local_addr=(ip, 0), read_buffer_init_size=4096,
+                        )
+                        await asyncio.wait_for(listener.ready, 60)
+                        sampled.append(listener)
+                    else:
+                        _, proto = await loop.create_connection(
+                            lambda: RawSub(hub, i, host, server.sub_token), "127.0.0.1", server.port,
+                            local_addr=(ip, 0))
+                        try:
+                            await asyncio.wait_for(proto.ready, 60)
+                        except BaseException:
+                            proto.close()
+                            raise
+                        raw.append(proto)
+                    return
+                except (OSError, asyncio.TimeoutError) as exc:
+                    if attempt == 4:
+                        raise RuntimeError(f"{server.name}: connecting subscriber {i} failed: {exc!r}") from exc
+                    await asyncio.sleep(0.2 * (attempt + 1))
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    sampled.sort(key=lambda s: s.index)
+    raw.sort(key=lambda s: s.index)
+    return sampled, raw
+
+
 def make_data_template(payload: int) -> tuple[bytes, bytes]:
     """`data` is {"ts":<16 digits>,"pad":"xxx"} of exactly `payload` bytes (compact JSON)."""
     fixed = len(b'{"ts":') + 16 + len(b',"pad":""}')
@@ -751,8 +961,18 @@ async def http_test(workdir: Path, args: argparse.Namespace, attempt: int = 0) -
 
 
 async def _http_test(server: Server, args: argparse.Namespace) -> dict:
-    t = await setup_target(server, args)
-    hub, n = t.hub, len(t.subs)
+    # Every subscriber is a real WebSocket client, connected and subscribed;
+    # only --latency-sample of them (picows) parse and time frames, the others
+    # count bytes, so that the load generator is not what delays delivery.
+    hub = Hub()
+    server.start()
+    await server.wait_ready()
+    sampled, raw = await connect_mixed_subscribers(server, hub, args.subscribers, args.latency_sample,
+                                                   source_ips=args.source_ip_list)
+    server.pids = _proc_tree(server.proc.pid)
+    n = len(sampled) + len(raw)
+    log(f"{server.name}: pid {server.proc.pid}, port {server.port}, {n} subscribers "
+        f"({len(sampled)} sampled picows, {len(raw)} byte-counting), RSS {server.rss() / 2**20:.0f} MiB")
     rate, seconds = args.http_rate, args.http_seconds
     count = int(rate * seconds)
     head, tail = make_data_template(args.payload)
@@ -773,6 +993,7 @@ async def _http_test(server: Server, args: argparse.Namespace) -> dict:
         return await pool.get()
 
     async def send_one(k: int) -> None:
+        nonlocal opened
         try:
             reader, writer = await get_conn()
             ts = stamp()
@@ -810,15 +1031,32 @@ async def _http_test(server: Server, args: argparse.Namespace) -> dict:
             if not first_error:
                 first_error.append(repr(exc))
 
-    # Warm up the connection pool and the server's publish path.
+    def received() -> tuple[int, int]:
+        return hub.total, sum(r.nbytes for r in raw)
+
+    # Warm up the connection pool and the server's publish path; then wait
+    # until the warm-up messages stopped arriving before counting from zero.
     await asyncio.gather(*(send_one(-1) for _ in range(args.http_connections)))
     await asyncio.sleep(0.5)
+    quiet_until = time.monotonic() + 5
+    last = received()
+    while time.monotonic() < quiet_until:
+        await asyncio.sleep(0.2)
+        now_ = received()
+        if now_ == last:
+            break
+        last = now_
     statuses.clear()
     http_lat.clear()
     first_error.clear()
-    for s in t.subs:
+    for s in sampled:
         s.n = 0
         s.last_ts = 0
+        s.wire = 0
+    for r in raw:
+        r.nbytes = 0
+        r.reads = 0
+        r.pings = 0
     hub.total = 0
     hub.lat = []
     hub.bad = []
@@ -839,19 +1077,63 @@ async def _http_test(server: Server, args: argparse.Namespace) -> dict:
             late += 1
         tasks.append(asyncio.create_task(send_one(k)))
     await asyncio.gather(*tasks)
+
+    def expected_bytes() -> int:
+        return max((s.wire for s in sampled), default=0)
+
+    def complete() -> bool:
+        if any(s.n < count for s in sampled):
+            return False
+        want = expected_bytes()
+        return all(r.nbytes >= want for r in raw)
+
     deadline = time.monotonic() + 10
-    while hub.total < count * n and time.monotonic() < deadline:
+    while not complete() and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     cpu1 = server.cpu()
     rus1 = resource.getrusage(resource.RUSAGE_SELF)
     others1 = user_process_times(OUR_PIDS | {os.getpid()})
     send_s = time.perf_counter() - t0  # the whole window: sends and the deliveries after them
+    await asyncio.sleep(0.05)  # stragglers (duplicates) before checking counts
     lat = sorted(hub.lat)
     hl = sorted(http_lat)
+    problems = list(hub.bad[:5])
+    # Byte counters: every sampled subscriber that got all `count` messages saw
+    # the same bytes (the same frames); the byte counters must see as many.
+    full = [s.wire for s in sampled if s.n == count]
+    want = max(full, default=0)
+    if len(set(full)) > 1:
+        problems.append(f"sampled subscribers with all {count} messages saw different byte totals: "
+                        f"{min(full)}..{max(full)}")
+    per_msg = want / count if want and count else float("nan")
+    short = [r for r in raw if r.nbytes < want]
+    extra = [r for r in raw if want and r.nbytes - want >= per_msg]
+    lost_raw = sum(math.ceil((want - r.nbytes) / per_msg) for r in short) if want else len(raw) * count
+    delivered = sum(min(s.n, count) for s in sampled) + len(raw) * count - lost_raw
+    wrong = [s for s in sampled if s.n != count]
+    if wrong:
+        problems.append(f"{len(wrong)} sampled subscribers did not get exactly {count} messages "
+                        f"(e.g. sub {wrong[0].index}: {wrong[0].n})")
+    if not want:
+        problems.append("no sampled subscriber got every message: the byte counters cannot be checked")
+    elif short:
+        problems.append(f"{len(short)} byte-counting subscribers got fewer bytes than {count} messages "
+                        f"({want:,} bytes): about {lost_raw:,} deliveries lost "
+                        f"(e.g. sub {short[0].index}: {short[0].nbytes:,} bytes)")
+    if extra:
+        problems.append(f"{len(extra)} byte-counting subscribers got at least one message's worth of bytes "
+                        f"more than expected (duplicates?), e.g. sub {extra[0].index}: "
+                        f"{extra[0].nbytes - want:,} extra bytes")
+    if hub.closes:
+        problems.append(f"{len(hub.closes)} subscribers closed: {hub.closes[:3]}")
+    raw_reads = sum(r.reads for r in raw)
+    raw_frames = sum(r.nbytes for r in raw) / per_msg if want else float("nan")
     result = {
         "rate_target": rate,
         "messages": count,
         "subscribers": n,
+        "latency_sample": len(sampled),
+        "byte_counters": len(raw),
         # From the first to the last request actually written.
         "achieved_rate": ((len(sent_at) - 1) / ((max(sent_at) - min(sent_at)) / 1e9)
                           if len(sent_at) > 1 else float("nan")),
@@ -859,26 +1141,38 @@ async def _http_test(server: Server, args: argparse.Namespace) -> dict:
         "connections_used": opened,
         "statuses": {str(k): v for k, v in statuses.items()},
         "first_error": first_error[0] if first_error else None,
-        "deliveries": hub.total,
+        "deliveries": delivered,
         "expected_deliveries": count * n,
+        "lost_deliveries": count * n - delivered,
+        "bytes_per_message": per_msg,
+        "server_pings_seen": sum(r.pings for r in raw),
         "p50_ms": percentile(lat, 50) / 1e6,
         "p99_ms": percentile(lat, 99) / 1e6,
         "max_ms": (lat[-1] / 1e6) if lat else float("nan"),
+        "latency_samples": len(lat),
         "http_p50_ms": percentile(hl, 50) / 1e6,
         "http_p99_ms": percentile(hl, 99) / 1e6,
         "server_cpu_pct": 100 * (cpu1 - cpu0) / send_s,
         "others_cpu_pct": 100 * others_cpu_delta(others0, others1) / send_s,
         "frames_per_read": hub.sframes / hub.reads if hub.reads else float("nan"),
+        "frames_per_read_byte_counters": raw_frames / raw_reads if raw_reads else float("nan"),
         "client_cpu_pct": 100 * ((rus1.ru_utime + rus1.ru_stime) - (rus0.ru_utime + rus0.ru_stime)) / send_s,
-        "problems": hub.bad[:5] + ([f"{len(hub.closes)} subscribers closed: {hub.closes[:3]}"] if hub.closes else []),
+        "client_sys_pct": 100 * (rus1.ru_stime - rus0.ru_stime) / send_s,
+        "problems": problems,
     }
     log(f"HTTP publish at {rate}/s: achieved {result['achieved_rate']:.0f}/s, "
-        f"{hub.total}/{count * n} deliveries, p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
+        f"{delivered}/{count * n} deliveries, p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
+        f"max {result['max_ms']:.2f} ms ({len(lat)} samples from {len(sampled)} subscribers), "
         f"HTTP p99 {result['http_p99_ms']:.2f} ms, statuses {result['statuses']}, "
-        f"server CPU {result['server_cpu_pct']:.0f}%, client CPU {result['client_cpu_pct']:.0f}%")
+        f"server CPU {result['server_cpu_pct']:.0f}%, client CPU {result['client_cpu_pct']:.0f}% "
+        f"(sys {result['client_sys_pct']:.0f}%), frames/read {result['frames_per_read']:.1f} sampled, "
+        f"{result['frames_per_read_byte_counters']:.1f} byte counters"
+        + (f"  PROBLEMS: {problems}" if problems else ""))
     while not pool.empty():
         pool.get_nowait()[1].close()
-    await close_all(t.subs, t.pub)
+    for r in raw:
+        r.close()
+    await close_all(sampled)
     server.stop()
     return result
 
@@ -981,14 +1275,19 @@ def fmt_http(h: dict | None) -> str:
         return f"HTTP publish test FAILED: {h['error']}"
     return "\n".join([
         "| target rate | achieved | messages x subscribers | delivered | p50 ms | p99 ms | max ms "
-        "| HTTP reply p99 ms | server CPU % | client CPU % | other processes CPU % | frames per client read "
-        "| HTTP statuses |",
+        "| HTTP reply p99 ms | server CPU % | client CPU % | other processes CPU % "
+        "| frames per client read (sampled / byte counters) | HTTP statuses |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         f"| {h['rate_target']:,}/s | {h['achieved_rate']:,.0f}/s | {h['messages']:,} x {h['subscribers']:,} "
         f"| {h['deliveries']:,} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} | {h['max_ms']:.2f} | {h['http_p99_ms']:.2f} "
         f"| {h['server_cpu_pct']:.0f} | {h['client_cpu_pct']:.0f} | {h['others_cpu_pct']:.0f} "
-        f"| {h['frames_per_read']:.1f} "
+        f"| {h['frames_per_read']:.1f} / {h.get('frames_per_read_byte_counters', float('nan')):.1f} "
         f"| {', '.join(f'{k}: {v}' for k, v in h['statuses'].items())} |",
+        "",
+        f"Latency from {h.get('latency_samples', 0):,} deliveries to the {h.get('latency_sample', '?')} sampled "
+        f"(picows, parsing) subscribers; the other {h.get('byte_counters', '?')} only count bytes, "
+        f"checked against the sampled ones' total ({h.get('bytes_per_message', float('nan')):.0f} bytes per "
+        f"message); lost deliveries: {h.get('lost_deliveries', '?')}.",
     ])
 
 
@@ -1293,6 +1592,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--settle", type=float, default=2.0, help="seconds to wait before reading RSS")
     p.add_argument("--http-rate", type=int, default=1000, help="POST /api/publish per second")
     p.add_argument("--http-seconds", type=float, default=5.0, help="0 to skip the HTTP publish test")
+    p.add_argument("--latency-sample", type=int, default=100,
+                   help="HTTP test: subscribers (picows, spread through the subscription order) that parse and "
+                        "time every message; the others complete the handshake and subscribe by hand, then only "
+                        "count bytes, checked at the end against the sampled ones' (a shortfall is lost deliveries)")
     p.add_argument("--http-connections", type=int, default=256,
                    help="keep-alive connections the HTTP publisher opens before the measurement and sends on "
                         "(open loop: each request goes at its time on any idle one)")
