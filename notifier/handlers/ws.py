@@ -2,8 +2,8 @@
 
 Authentication happens before the upgrade (HTTP 401 with a JSON body). After
 it, each client frame is parsed by ``protocol``, run by one ``_on_<command>``
-method, and answered; Tornado awaits each ``on_message`` before reading the
-next frame, so one connection's commands run in order.
+method, and answered, in order: see ``on_message`` for how quick commands,
+store-bound ones and pipelined durable publishes keep that order.
 """
 
 from __future__ import annotations
