@@ -22,11 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from notifier import logs
 from notifier.messages import Draft, Message, new_id, rfc3339
 from notifier.protocol import MAX_SEQ
 from notifier.store.base import (
     IDEMPOTENCY_WINDOW, AppendResult, History, Receipt, SeqAboveHead, Store, StoreError,
 )
+
+_log = logs.get("notifier.store")
 
 MAX_GROUP = 512          # jobs per transaction: bounds one commit's latency
 PRUNE_INTERVAL = 30.0    # seconds between age-based retention passes
@@ -147,8 +150,6 @@ class SQLiteStore(Store):
         self._reader_connections: list[sqlite3.Connection] = []
         self._heads: dict[str, int] = {}
         self.commit_observer: Callable[[float, int], None] | None = None
-        self.prune_errors = 0
-        self.last_prune_error = ""
 
     # Opening, schema and shutdown
 
@@ -253,8 +254,7 @@ class SQLiteStore(Store):
                         # Retention can wait for the next pass; the writer must not die.
                         if db.in_transaction:
                             db.execute("ROLLBACK")
-                        self.prune_errors += 1
-                        self.last_prune_error = str(exc)
+                        _log.error("store.prune_failed", error=str(exc))
                     next_prune = time.monotonic() + PRUNE_INTERVAL
         finally:
             db.close()
