@@ -147,17 +147,12 @@ class Server:
         self.systemd.reloading()
         try:
             fresh = config_module.load(self.config_path)
-        except ConfigError as exc:
-            self.log.error("config.reload_failed", error=str(exc))
-            self.systemd.ready()
-            return
-        services = self.services
-        try:
             resolve_secrets(fresh)  # development credentials, if still unconfigured
         except ConfigError as exc:
             self.log.error("config.reload_failed", error=str(exc))
             self.systemd.ready()
             return
+        services = self.services
         logs.configure(fresh.log.level)
         services.config.log.level = fresh.log.level
         services.config.auth = fresh.auth
