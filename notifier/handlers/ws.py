@@ -135,10 +135,14 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         services.metrics.connections.inc()
         services.log.info("connection.open", conn=self.id, user=self.user,
                           ip=self.request.remote_ip)
-        # The handshake is over: its headers, both ways, are never read again,
-        # and with many idle connections they are a good part of each one's memory.
+        # The handshake is over: its headers both ways, the query (token
+        # included) and the template namespace are never read again, and with
+        # many idle connections they are a good part of each one's memory.
         self.request.headers = HTTPHeaders()
         self._headers = HTTPHeaders()
+        self.request.arguments = self.request.query_arguments = {}
+        self.request.connection = None  # the HTTP/1 connection; the stream was detached from it
+        self._break_cycles()  # what Tornado does at close: drops self.ui
         self.send(protocol.welcome(self.id, self.user, self.config.heartbeat.interval,
                                    self.identity.expires))
         # The offline queue: the personal topic from the stored cursor, else
