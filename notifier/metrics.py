@@ -21,7 +21,7 @@ class Metrics:
             "notifier_messages_delivered", "Message frames queued to subscribers", registry=r)
         self.delivery_latency = Histogram(
             "notifier_publish_to_delivery_seconds",
-            "From a publish arriving to its frames being queued for subscribers",
+            "From a publish arriving to its hand-off for fan-out (durable: after the commit)",
             buckets=LATENCY_BUCKETS, registry=r)
         self.slow_consumers = Counter(
             "notifier_slow_consumer_disconnects", "Connections closed with 4009", registry=r)

@@ -17,7 +17,8 @@ class Publisher:
                  on_delivered: Callable[[float], None] | None = None):
         self.store = store
         self.broker = broker
-        # Seconds from a publish arriving to its frames being queued here.
+        # Seconds from a publish arriving to its hand-off to the broker (the
+        # local hub writes it to sockets at the end of that same loop turn).
         self.on_delivered = on_delivered
         self.in_flight = 0
         self._idle = asyncio.Event()
