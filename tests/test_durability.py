@@ -20,17 +20,20 @@ def _publisher(port: int, index: int, stop: threading.Event, answered: list, fai
     """Publish in a loop on one keep-alive connection, recording each 2xx."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     count = 0
-    while not stop.is_set():
-        data = {"publisher": index, "n": count}
-        try:
-            status, body = send(connection, "POST", "/api/publish", {"topic": TOPIC, "data": data})
-        except (OSError, http.client.HTTPException):
-            return  # the server died under us: that answer never came
-        if status != 200:
-            failures.append((status, body))
-            return
-        answered.append((body["seq"], body["id"], data))
-        count += 1
+    try:
+        while not stop.is_set():
+            data = {"publisher": index, "n": count}
+            try:
+                status, body = send(connection, "POST", "/api/publish", {"topic": TOPIC, "data": data})
+            except (OSError, http.client.HTTPException):
+                return  # the server died under us: that answer never came
+            if status != 200:
+                failures.append((status, body))
+                return
+            answered.append((body["seq"], body["id"], data))
+            count += 1
+    finally:
+        connection.close()
 
 
 @pytest.mark.slow

@@ -76,6 +76,7 @@ class Publisher(threading.Thread):
                 status, body = send(connection, "POST", "/api/publish",
                                     {"topic": self.topic, "data": data})
             except ConnectionRefusedError:
+                connection.close()
                 return  # no longer listening: nothing more can be in flight
             except (OSError, http.client.HTTPException) as exc:
                 self.attempts.append((data, None, repr(exc)))
