@@ -58,7 +58,9 @@ class Outbox:
         self.flusher = flusher
         self.on_overflow = on_overflow
         self.write_compressed = write_compressed
-        self.chunks: list[bytes] = []
+        # A list only while something is queued: most idle connections never
+        # hold one, and at 10,000 connections the empty lists add up.
+        self.chunks: list[bytes] | None = None
         self.pending = 0  # bytes queued since the last flush (or drain, if compressed)
         self.closed = False
         # Writing straight to the socket skips IOStream's Future-per-write; only
@@ -76,9 +78,11 @@ class Outbox:
         if self.write_compressed is not None:
             self.send_compressed(payload)
             return
-        if not self.chunks:
+        if self.chunks:
+            self.chunks.append(frame)
+        else:
+            self.chunks = [frame]
             self.flusher.mark(self)
-        self.chunks.append(frame)
         self.pending += len(frame)
 
     def send_compressed(self, payload: bytes) -> None:
@@ -91,9 +95,10 @@ class Outbox:
         else:
             self.pending += len(payload)
 
-    def push(self, frames: bytes) -> None:
+    def push(self, frames: bytes, payloads=()) -> None:
         """During the flush pass: write ``frames`` now, or behind what is
-        already queued so the order holds."""
+        already queued so the order holds. (``payloads`` is for the hub's
+        calling convention; uncompressed connections need only the frames.)"""
         if self.closed:
             return
         if self.chunks:
@@ -106,7 +111,7 @@ class Outbox:
             return
         chunks = self.chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self.chunks = []
+        self.chunks = None
         self.pending = 0
         self._write(data, chunks)
 
@@ -163,7 +168,7 @@ class Outbox:
 
     def discard(self) -> None:
         self.closed = True
-        self.chunks = []
+        self.chunks = None
         self.pending = 0
 
 
