@@ -21,23 +21,20 @@ class Peer(Protocol):
     id: str
     user: str
 
-    def frame_sender(self) -> Callable[[bytes, Sequence[bytes]], None]:
-        """The function that queues messages to this peer: called with the
-        uncompressed text frames of ``payloads`` back to back (compressing
-        peers use the payloads). Looked up once per subscription, since it
-        runs once per subscriber per fan-out."""
+    def send_frames(self, frames: bytes, payloads: Sequence[bytes]) -> None:
+        """Queue messages: ``frames`` is the uncompressed text frames of
+        ``payloads`` back to back (compressing peers use the payloads)."""
 
     def slow_consumer(self) -> None:
         """The peer fell too far behind: close it (4009)."""
 
 
 class Subscription:
-    __slots__ = ("peer", "topic", "send", "last_seq", "parked", "parked_bytes")
+    __slots__ = ("peer", "topic", "last_seq", "parked", "parked_bytes")
 
     def __init__(self, peer: Peer, topic: str):
         self.peer = peer
         self.topic = topic
-        self.send = peer.frame_sender()
         self.last_seq = 0
         # While replaying: live messages wait here (with their frames).
         self.parked: list[tuple[Message, bytes, bytes]] | None = []
@@ -154,7 +151,7 @@ class Hub:
                 # The common case: nothing here was seen yet, so all of it goes.
                 if last is not None:
                     subscription.last_seq = last
-                subscription.send(joined, payloads)
+                subscription.peer.send_frames(joined, payloads)
                 sent += count
             else:
                 for message, frame, payload in zip(messages, frames, payloads):
@@ -168,7 +165,7 @@ class Hub:
             if seq <= subscription.last_seq:
                 return False  # already replayed: never twice
             subscription.last_seq = seq
-        subscription.send(frame, (payload,))
+        subscription.peer.send_frames(frame, (payload,))
         return True
 
     # Questions

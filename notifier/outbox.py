@@ -95,10 +95,9 @@ class Outbox:
         else:
             self.pending += len(payload)
 
-    def push(self, frames: bytes, payloads=()) -> None:
+    def push(self, frames: bytes) -> None:
         """During the flush pass: write ``frames`` now, or behind what is
-        already queued so the order holds. (``payloads`` is for the hub's
-        calling convention; uncompressed connections need only the frames.)"""
+        already queued so the order holds."""
         if self.closed:
             return
         if self.chunks:

@@ -18,9 +18,6 @@ class Peer:
         self.frames: list[tuple[bytes, bytes]] = []
         self.slow = 0
 
-    def frame_sender(self):
-        return self.send_frames
-
     def send_frames(self, frames: bytes, payloads) -> None:
         # One entry per message, each with the bytes object it went out in.
         self.frames.extend((frames, payload) for payload in payloads)
