@@ -32,6 +32,13 @@ class ApiError(tornado.web.HTTPError):
         self.headers = headers or {}
 
 
+def finish_with_error(handler: tornado.web.RequestHandler, code: str, message: str) -> None:
+    """End a response (its status already set) with the error body every
+    endpoint uses: ``{"error": {"code", "message"}}``."""
+    handler.set_header("Content-Type", "application/json")
+    handler.finish(orjson.dumps({"error": {"code": code, "message": message}}))
+
+
 class JsonHandler(tornado.web.RequestHandler):
     """Base for every JSON endpoint: errors rendered as JSON, never a stack."""
 
@@ -58,8 +65,7 @@ class JsonHandler(tornado.web.RequestHandler):
         else:
             code, message = "internal", "internal error; see the server log"
         self.services.metrics.errors.labels(code).inc()
-        self.set_header("Content-Type", "application/json")
-        self.finish(orjson.dumps({"error": {"code": code, "message": message}}))
+        finish_with_error(self, code, message)
 
     def log_exception(self, typ, value, tb) -> None:
         if isinstance(value, ApiError):

@@ -14,7 +14,6 @@ import uuid
 from typing import TYPE_CHECKING, Awaitable
 from urllib.parse import urlsplit
 
-import orjson
 import tornado.websocket
 from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamBufferFullError
@@ -22,6 +21,7 @@ from tornado.iostream import StreamBufferFullError
 from notifier import protocol
 from notifier.auth import AuthError, Identity
 from notifier.frames import text_frame
+from notifier.handlers.api import finish_with_error
 from notifier.messages import Draft
 from notifier.outbox import Outbox
 from notifier.protocol import ProtocolError
@@ -61,14 +61,11 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
     def _refuse(self, status: int, code: str, message: str) -> None:
         self.services.metrics.errors.labels(code).inc()
         self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(orjson.dumps({"error": {"code": code, "message": message}}))
+        finish_with_error(self, code, message)
 
     def write_error(self, status_code: int, **kwargs) -> None:
         # e.g. 405 for POST /ws: JSON like every other error.
-        self.set_header("Content-Type", "application/json")
-        self.finish(orjson.dumps({"error": {"code": "bad_request",
-                                            "message": self._reason}}))
+        finish_with_error(self, "bad_request", self._reason)
 
     def prepare(self) -> None:
         # Refusals happen here, before Tornado's get() upgrades; doing it in
