@@ -235,18 +235,12 @@ class SQLiteStore(Store):
                     job = False
                 if job is None:
                     return
-                jobs = [job] if job else []
-                while jobs and len(jobs) < MAX_GROUP:
-                    try:
-                        more = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        self._commit_group(db, jobs)
-                        return
-                    jobs.append(more)
-                if jobs:
+                if job:
+                    jobs = [job]
+                    stopping = self._gather(jobs)
                     self._commit_group(db, jobs)
+                    if stopping:
+                        return
                 if time.monotonic() >= next_prune:
                     try:
                         self._prune_by_age(db)
@@ -258,6 +252,19 @@ class SQLiteStore(Store):
                     next_prune = time.monotonic() + PRUNE_INTERVAL
         finally:
             db.close()
+
+    def _gather(self, jobs: list[_Job]) -> bool:
+        """Add the jobs already waiting to ``jobs``, up to MAX_GROUP. True when
+        the shutdown mark was among them (it is taken off the queue)."""
+        while len(jobs) < MAX_GROUP:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if job is None:
+                return True
+            jobs.append(job)
+        return False
 
     def _commit_group(self, db: sqlite3.Connection, jobs: list[_Job]) -> None:
         started = time.perf_counter()
@@ -328,18 +335,13 @@ class SQLiteStore(Store):
             if after is None:
                 return
             # Let queued publishes in between chunks.
-            jobs = []
-            while len(jobs) < MAX_GROUP:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._queue.put(None)  # shutdown: leave it for the main loop
-                    break
-                jobs.append(job)
+            jobs: list[_Job] = []
+            stopping = self._gather(jobs)
             if jobs:
                 self._commit_group(db, jobs)
+            if stopping:
+                self._queue.put(None)  # for the main loop; the pass resumes next start
+                return
 
     # Writes
 
