@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
+import socket
 from urllib.parse import quote
 
 import orjson
@@ -104,3 +106,16 @@ async def api(port: int, method: str, path: str, body=None, key: str | None = AP
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
+
+
+def bind_notify_socket(kind: str, directory) -> tuple[socket.socket, str]:
+    """A datagram socket standing in for systemd, and its NOTIFY_SOCKET value:
+    a filesystem path (``kind="path"``) or an abstract name (``"abstract"``)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if kind == "path":
+        address = str(directory / "notify.sock")
+        sock.bind(address)
+    else:
+        address = "@notifier-test-" + secrets.token_hex(8)
+        sock.bind("\0" + address[1:])
+    return sock, address

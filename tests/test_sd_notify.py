@@ -1,7 +1,6 @@
 """sd_notify: the exact datagrams a real AF_UNIX socket receives, and the watchdog interval."""
 
 import os
-import secrets
 import socket
 import threading
 import time
@@ -10,18 +9,13 @@ import pytest
 
 from notifier import sd_notify
 from notifier.sd_notify import SystemdNotifier
+from support import bind_notify_socket
 
 
 @pytest.fixture(params=["path", "abstract"])
 def manager(request, tmp_path, monkeypatch):
     """A socket standing in for systemd, named by NOTIFY_SOCKET."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    if request.param == "path":
-        env_value = str(tmp_path / "notify.sock")
-        sock.bind(env_value)
-    else:
-        env_value = "@notifier-test-" + secrets.token_hex(8)
-        sock.bind("\0" + env_value[1:])
+    sock, env_value = bind_notify_socket(request.param, tmp_path)
     sock.settimeout(2)
     monkeypatch.setenv("NOTIFY_SOCKET", env_value)
     yield sock

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.client
 import re
-import secrets
 import signal
 import socket
 import time
@@ -15,6 +14,7 @@ import time
 import pytest
 
 from procs import DRAIN_TIMEOUT, ServerProcess
+from support import bind_notify_socket
 
 WATCHDOG_USEC = 400_000  # pings expected every 0.2 s
 
@@ -62,13 +62,7 @@ class Manager:
 
 @pytest.fixture(params=["path", "abstract"])
 def manager(request, tmp_path):
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    if request.param == "path":
-        address = str(tmp_path / "notify.sock")
-        sock.bind(address)
-    else:
-        address = "@notifier-it-" + secrets.token_hex(8)
-        sock.bind("\0" + address[1:])
+    sock, address = bind_notify_socket(request.param, tmp_path)
     yield Manager(sock, address)
     sock.close()
 
