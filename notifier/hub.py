@@ -14,26 +14,38 @@ from typing import Callable, Iterable, Protocol, Sequence
 from notifier.frames import text_frame
 from notifier.messages import Message
 
+# Subscribers written between two questions to in_slice.
+CLOCK_EVERY = 32
+
+
+class Sink(Protocol):
+    """Where a connection's frames go (``notifier.outbox.Outbox``)."""
+
+    def write(self, frames: bytes, payloads: Sequence[bytes]) -> None:
+        """Send now if possible: ``frames`` is the uncompressed text frames
+        of ``payloads`` back to back (compressing sinks use the payloads)."""
+
+    def queue(self, frames: bytes, payloads: Sequence[bytes]) -> None:
+        """Send in a later slice of the flush pass, in order with ``write``."""
+
 
 class Peer(Protocol):
     """What the hub needs from a connection."""
 
     id: str
     user: str
-
-    def send_frames(self, frames: bytes, payloads: Sequence[bytes]) -> None:
-        """Queue messages: ``frames`` is the uncompressed text frames of
-        ``payloads`` back to back (compressing peers use the payloads)."""
+    outbox: Sink
 
     def slow_consumer(self) -> None:
         """The peer fell too far behind: close it (4009)."""
 
 
 class Subscription:
-    __slots__ = ("peer", "topic", "last_seq", "parked", "parked_bytes")
+    __slots__ = ("peer", "outbox", "topic", "last_seq", "parked", "parked_bytes")
 
     def __init__(self, peer: Peer, topic: str):
         self.peer = peer
+        self.outbox = peer.outbox
         self.topic = topic
         self.last_seq = 0
         # While replaying: live messages wait here (with their frames).
@@ -50,7 +62,8 @@ class Hub:
     (``flush``, run by the Flusher); then each topic's messages are framed
     once, joined once, and the same bytes go to each subscriber in one write.
     Ten messages to a thousand subscribers cost a thousand writes, not ten
-    thousand."""
+    thousand. Writes happen until ``flush``'s deadline; the subscribers left
+    over are queued for the Flusher's next slices."""
 
     def __init__(self, max_parked_bytes: int, schedule: Callable[[], None],
                  on_delivered: Callable[[int], None] | None = None):
@@ -120,19 +133,21 @@ class Hub:
         if pending:
             self.schedule()
 
-    def flush(self) -> None:
-        """Fan out everything delivered this turn, one topic at a time."""
+    def flush(self, in_slice: Callable[[], bool] = lambda: True) -> None:
+        """Fan out everything delivered this turn, one topic at a time:
+        written while ``in_slice()`` says so, queued after."""
         pending, self._pending = self._pending, {}
         sent = 0
         for topic, messages in pending.items():
             subscribers = self.topics.get(topic)
             if subscribers:
-                sent += self._fan_out(messages, subscribers)
+                sent += self._fan_out(messages, subscribers, in_slice)
         self.messages_out += sent
         if sent and self.on_delivered is not None:
             self.on_delivered(sent)
 
-    def _fan_out(self, messages: list[Message], subscribers: dict[Peer, Subscription]) -> int:
+    def _fan_out(self, messages: list[Message], subscribers: dict[Peer, Subscription],
+                 in_slice: Callable[[], bool]) -> int:
         payloads = [message.payload() for message in messages]
         frames = [text_frame(payload) for payload in payloads]
         joined = frames[0] if len(frames) == 1 else b"".join(frames)
@@ -141,21 +156,30 @@ class Hub:
         last = seqs[-1] if seqs else None
         count = len(messages)
         sent = 0
-        for subscription in list(subscribers.values()):
-            if subscription.parked is not None:
-                subscription.parked.extend(zip(messages, frames, payloads))
-                subscription.parked_bytes += len(joined)
-                if subscription.parked_bytes > self.max_parked_bytes:
-                    subscription.peer.slow_consumer()
-            elif first is None or first > subscription.last_seq:
-                # The common case: nothing here was seen yet, so all of it goes.
-                if last is not None:
-                    subscription.last_seq = last
-                subscription.peer.send_frames(joined, payloads)
-                sent += count
-            else:
-                for message, frame, payload in zip(messages, frames, payloads):
-                    sent += self._send_one(subscription, message, frame, payload)
+        everyone = list(subscribers.values())
+        now = True
+        # Ask in_slice once per group of subscribers, not for each.
+        for start in range(0, len(everyone), CLOCK_EVERY):
+            if now:
+                now = in_slice()
+            for subscription in everyone[start:start + CLOCK_EVERY]:
+                if subscription.parked is not None:
+                    subscription.parked.extend(zip(messages, frames, payloads))
+                    subscription.parked_bytes += len(joined)
+                    if subscription.parked_bytes > self.max_parked_bytes:
+                        subscription.peer.slow_consumer()
+                elif first is None or first > subscription.last_seq:
+                    # The common case: nothing here was seen yet, so all of it goes.
+                    if last is not None:
+                        subscription.last_seq = last
+                    if now:
+                        subscription.outbox.write(joined, payloads)
+                    else:
+                        subscription.outbox.queue(joined, payloads)
+                    sent += count
+                else:
+                    for message, frame, payload in zip(messages, frames, payloads):
+                        sent += self._send_one(subscription, message, frame, payload)
         return sent
 
     @staticmethod
@@ -165,7 +189,7 @@ class Hub:
             if seq <= subscription.last_seq:
                 return False  # already replayed: never twice
             subscription.last_seq = seq
-        subscription.peer.send_frames(frame, (payload,))
+        subscription.outbox.write(frame, (payload,))
         return True
 
     # Questions

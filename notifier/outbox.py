@@ -1,45 +1,114 @@
-"""Outgoing bytes of each WebSocket connection.
+"""Outgoing bytes of each WebSocket connection, and the pass that writes them.
 
-Frames queued for a connection during one event-loop turn leave in one write
-at the end of that turn. When the socket has room, the write is one ``send``
-syscall and nothing is buffered; otherwise Tornado's IOStream keeps the rest,
-capped at ``limit`` bytes: past that the connection is a slow consumer.
+A frame for a connection whose socket has room and nothing waiting leaves at
+once, in one ``send`` syscall. Otherwise it waits in the connection's outbox
+for the Flusher, which writes each waiting outbox once (everything it holds,
+joined) in slices of at most ``SLICE`` seconds, so a fan-out to many sockets
+never holds the event loop: between slices the loop reads requests, commits
+publishes and answers pings, and messages that arrive meanwhile join the
+writes still to come. Bytes the socket does not take wait in Tornado's
+IOStream, capped at ``limit``: past that the connection is a slow consumer.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from collections import deque
+from time import perf_counter
+from typing import Awaitable, Callable, Sequence
 
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.websocket import WebSocketClosedError
 
+# Writing 1,000 sockets takes about 5 ms here: a slice is a fifth of that, so
+# a request or a commit waits about 1 ms for the loop, not the whole fan-out.
+SLICE = 0.001
+# How many writes between looks at the clock.
+CHECK_EVERY = 32
+
 
 class Flusher:
-    """Once per loop turn, at its end: first the ``before`` hooks (the hub's
-    fan-out of the turn's messages), then every outbox that got frames."""
+    """Runs at the end of a loop turn: first the ``before`` hooks (the hub's
+    fan-out of the turn's messages), then the waiting outboxes, oldest first.
+    A slice ends once it has run ``SLICE`` seconds *and* the loop has other
+    work (a readable socket, a ready callback); the rest goes on in the next
+    turn. With nothing else to do, a fan-out runs to its end in one go."""
 
-    def __init__(self) -> None:
-        self._dirty: list["Outbox"] = []
+    def __init__(self, slice_seconds: float = SLICE) -> None:
+        self.slice_seconds = slice_seconds
+        self._waiting: deque[Outbox] = deque()
         self._scheduled = False
-        self.before: list[Callable[[], None]] = []
+        self._behind = False  # the last slice ended with outboxes still waiting
+        self._deadline = 0.0
+        self._loop_has_work: Callable[[], bool] = _always
+        self.before: list[Callable[[Callable[[], bool]], None]] = []
 
     def schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush_all)
+            loop = asyncio.get_running_loop()
+            if self._loop_has_work is _always:
+                self._loop_has_work = _work_probe(loop)
+            loop.call_soon(self.flush_all)
 
     def mark(self, outbox: "Outbox") -> None:
-        self._dirty.append(outbox)
+        self._waiting.append(outbox)
         self.schedule()
+
+    def in_slice(self) -> bool:
+        """May this slice write on? (Cheap enough to ask every few writes.)"""
+        return perf_counter() < self._deadline or not self._loop_has_work()
+
+    def _never(self) -> bool:
+        return False
 
     def flush_all(self) -> None:
         self._scheduled = False
+        self._deadline = perf_counter() + self.slice_seconds
+        # While the last pass's outboxes still wait, new frames queue behind
+        # them: each connection is written once per round, oldest first.
         for hook in self.before:
-            hook()
-        dirty, self._dirty = self._dirty, []
-        for outbox in dirty:
-            outbox.flush()
+            hook(self._never if self._behind else self.in_slice)
+        waiting = self._waiting
+        written = 0
+        while waiting:
+            waiting.popleft().flush()
+            written += 1
+            if written == CHECK_EVERY:
+                written = 0
+                if waiting and not self.in_slice():
+                    self._behind = True
+                    self.schedule()
+                    return
+        self._behind = False
+
+    def flush_now(self) -> None:
+        """Write everything waiting, however long it takes (shutdown)."""
+        waiting = self._waiting
+        while waiting:
+            waiting.popleft().flush()
+        self._behind = False
+
+
+def _always() -> bool:
+    return True
+
+
+def _work_probe(loop: asyncio.AbstractEventLoop) -> Callable[[], bool]:
+    """A function telling whether ``loop`` has something else to run: a ready
+    callback, or a readable or writable socket. It peeks at asyncio's private
+    ready queue and selector (epoll is level-triggered, so looking loses no
+    event); on a loop without them it always says yes, so slices stay short."""
+    ready = getattr(loop, "_ready", None)
+    selector = getattr(loop, "_selector", None)
+    if ready is None or selector is None:
+        return _always
+    select = selector.select
+
+    def has_work() -> bool:
+        return bool(ready) or bool(select(0))
+
+    return has_work
 
 
 class Outbox:
@@ -48,7 +117,7 @@ class Outbox:
     cannot share pre-built frames, and its writes go out immediately."""
 
     __slots__ = ("stream", "limit", "flusher", "on_overflow", "write_compressed", "chunks",
-                 "pending", "closed", "_direct", "_last_write")
+                 "pending", "closed", "ready", "buffered", "_send", "_last_write")
 
     def __init__(self, stream: IOStream, limit: int, flusher: Flusher,
                  on_overflow: Callable[[], None],
@@ -58,32 +127,71 @@ class Outbox:
         self.flusher = flusher
         self.on_overflow = on_overflow
         self.write_compressed = write_compressed
-        # A list only while something is queued: most idle connections never
+        # A list only while something waits: most idle connections never
         # hold one, and at 10,000 connections the empty lists add up.
         self.chunks: list[bytes] | None = None
-        self.pending = 0  # bytes queued since the last flush (or drain, if compressed)
+        self.pending = 0  # bytes waiting here (or, compressed, written since the last drain)
         self.closed = False
         # Writing straight to the socket skips IOStream's Future-per-write; only
         # sound for a plain (non-TLS) stream, where socket bytes are wire bytes.
-        self._direct = type(stream) is IOStream
+        self._send = stream.socket.send if type(stream) is IOStream else None
+        # True when a frame can go to the socket right now: open, uncompressed,
+        # plain, nothing waiting here or in the IOStream. One flag, so the
+        # fan-out's per-connection check is one attribute read.
+        self.ready = self._send is not None and write_compressed is None
+        self.buffered = False  # bytes were handed to IOStream (which may still hold them)
         # IOStream enforces the cap itself and raises StreamBufferFullError.
         stream.max_write_buffer_size = limit
         self._last_write: Awaitable[None] | None = None
 
-    def send(self, frame: bytes, payload: bytes) -> None:
-        """Queue one message: ``frame`` is its uncompressed frame, ``payload``
-        its JSON (what a compressing connection sends instead)."""
+    def write(self, frames: bytes, payloads: Sequence[bytes]) -> None:
+        """Send ``frames`` (the uncompressed frames of ``payloads``) now if the
+        socket has room, else behind what is already waiting."""
+        if self.ready:
+            try:
+                sent = self._send(frames)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                return  # the peer is gone; IOStream notices and runs the close callbacks
+            if sent != len(frames):
+                self._buffer(frames[sent:], (frames,), sent)
+            return
         if self.closed:
             return
         if self.write_compressed is not None:
-            self.send_compressed(payload)
-            return
-        if self.chunks:
-            self.chunks.append(frame)
+            for payload in payloads:
+                self.send_compressed(payload)
+        elif self.chunks is not None:
+            self.chunks.append(frames)
+            self.pending += len(frames)
         else:
-            self.chunks = [frame]
+            self._write(frames, (frames,))
+
+    def queue(self, frames: bytes, payloads: Sequence[bytes]) -> None:
+        """Like ``write``, but leave it to the Flusher's pass (compressed
+        connections still write at once)."""
+        if self.closed:
+            return
+        if self.write_compressed is not None:
+            for payload in payloads:
+                self.send_compressed(payload)
+            return
+        if self.chunks is None:
+            self.chunks = [frames]
+            self.ready = False
             self.flusher.mark(self)
-        self.pending += len(frame)
+        else:
+            self.chunks.append(frames)
+        self.pending += len(frames)
+        if self.pending > self.limit:
+            self.overflow()
+
+    def send(self, frame: bytes, payload: bytes) -> None:
+        """Queue one message for this turn's flush: ``frame`` is its
+        uncompressed frame, ``payload`` its JSON (what a compressing
+        connection sends instead)."""
+        self.queue(frame, (payload,))
 
     def send_compressed(self, payload: bytes) -> None:
         try:
@@ -95,16 +203,6 @@ class Outbox:
         else:
             self.pending += len(payload)
 
-    def push(self, frames: bytes) -> None:
-        """During the flush pass: write ``frames`` now, or behind what is
-        already queued so the order holds."""
-        if self.closed:
-            return
-        if self.chunks:
-            self.chunks.append(frames)
-            return
-        self._write(frames, (frames,))
-
     def flush(self) -> None:
         if self.closed or not self.chunks:
             return
@@ -114,26 +212,31 @@ class Outbox:
         self.pending = 0
         self._write(data, chunks)
 
-    def _write(self, data: bytes, chunks) -> None:
+    def _write(self, data: bytes, chunks: Sequence[bytes]) -> None:
         """``data`` is ``chunks`` joined: whole frames, which an overflow must
         not leave half-sent."""
-        stream = self.stream
-        if stream.closed():
-            return
         sent = 0
-        if self._direct and not stream.writing():
+        if self._send is not None and not (self.buffered and self.stream.writing()):
+            self.buffered = False
             try:
-                sent = stream.socket.send(data)
+                sent = self._send(data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
-                # The peer is gone; let IOStream notice and run the close callbacks.
-                sent = 0
+                return  # the peer is gone (or the socket closed); IOStream notices
             if sent == len(data):
+                self.ready = self.write_compressed is None
                 return
             data = data[sent:]
+        self._buffer(data, chunks, sent)
+
+    def _buffer(self, rest: bytes, chunks: Sequence[bytes], sent: int) -> None:
+        """Hand what the socket did not take to IOStream, which writes it when
+        the socket has room; the first ``sent`` bytes of ``chunks`` went out."""
+        self.ready = False
+        self.buffered = True
         try:
-            self._last_write = stream.write(data)
+            self._last_write = self.stream.write(rest)
         except StreamBufferFullError:
             self.overflow(_rest_of_cut_frame(chunks, sent))
         except StreamClosedError:
@@ -167,11 +270,12 @@ class Outbox:
 
     def discard(self) -> None:
         self.closed = True
+        self.ready = False
         self.chunks = None
         self.pending = 0
 
 
-def _rest_of_cut_frame(chunks: list[bytes], sent: int) -> bytes:
+def _rest_of_cut_frame(chunks: Sequence[bytes], sent: int) -> bytes:
     """The unsent tail of the frame that the first ``sent`` bytes cut into."""
     start = 0
     for chunk in chunks:

@@ -17,10 +17,16 @@ class Peer:
         self.user = user
         self.frames: list[tuple[bytes, bytes]] = []
         self.slow = 0
+        self.outbox = self  # the peer records what its outbox is given
+        self.queued = 0
 
-    def send_frames(self, frames: bytes, payloads) -> None:
+    def write(self, frames: bytes, payloads) -> None:
         # One entry per message, each with the bytes object it went out in.
         self.frames.extend((frames, payload) for payload in payloads)
+
+    def queue(self, frames: bytes, payloads) -> None:
+        self.queued += len(payloads)
+        self.write(frames, payloads)
 
     def slow_consumer(self) -> None:
         self.slow += 1

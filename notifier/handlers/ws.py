@@ -182,13 +182,6 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
     def send(self, payload: bytes) -> None:
         self.outbox.send(b"" if self.compressed else text_frame(payload), payload)
 
-    def send_frames(self, frames: bytes, payloads) -> None:
-        if self.compressed:
-            for payload in payloads:
-                self.outbox.send_compressed(payload)
-        else:
-            self.outbox.push(frames)
-
     def slow_consumer(self) -> None:
         self.outbox.overflow()
 
