@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Awaitable
 from urllib.parse import urlsplit
 
 import tornado.websocket
-from tornado.httputil import HTTPHeaders
 from tornado.iostream import StreamBufferFullError
 
 from notifier import protocol
@@ -135,11 +134,18 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         # The handshake is over: its headers both ways, the query (token
         # included) and the template namespace are never read again, and with
         # many idle connections they are a good part of each one's memory.
-        self.request.headers = HTTPHeaders()
-        self._headers = HTTPHeaders()
+        # Tornado's get() holds the request headers in a local for the life of
+        # the connection, so they are emptied in place (its two dicts), and the
+        # emptied object stands in for the response headers too.
+        headers = self.request.headers
+        headers._as_list.clear()
+        headers._combined_cache.clear()
+        self._headers = headers
         self.request.arguments = self.request.query_arguments = {}
         self.request.connection = None  # the HTTP/1 connection; the stream was detached from it
-        self._break_cycles()  # what Tornado does at close: drops self.ui
+        # What Tornado's _break_cycles does at close (it skips it while a 101
+        # connection is open): the template namespace goes.
+        self.ui = None
         self.send(protocol.welcome(self.id, self.user, self.config.heartbeat.interval,
                                    self.identity.expires))
         # The offline queue: the personal topic from the stored cursor, else
