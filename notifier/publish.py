@@ -26,18 +26,22 @@ class Publisher:
 
     async def publish(self, drafts: Sequence[Draft]) -> AppendResult:
         """Store ``drafts`` atomically; once durable, hand the new ones to the
-        broker. Nothing is awaited between the two, so the store's commit
-        order is the delivery order."""
+        broker, from the store's commit callback: the store's commit order is
+        the delivery order."""
         started = time.perf_counter()
         self.in_flight += 1
         self._idle.clear()
-        try:
-            result = await self.store.append(drafts)
+
+        def hand_off(result: AppendResult) -> None:
             if result.stored:
                 self.broker.publish(result.stored)
                 if self.on_delivered is not None:
                     self.on_delivered(time.perf_counter() - started)
-            return result
+
+        try:
+            # The hand-off runs in the store's commit callback, in commit order,
+            # not after this coroutine resumes (a loop turn or two later).
+            return await self.store.append(drafts, hand_off)
         finally:
             self.in_flight -= 1
             if not self.in_flight:

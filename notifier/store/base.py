@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from notifier.messages import Draft, Message
 
@@ -65,7 +65,8 @@ class Store(ABC):
         """Finish pending writes, then release resources."""
 
     @abstractmethod
-    async def append(self, drafts: Sequence[Draft]) -> AppendResult:
+    async def append(self, drafts: Sequence[Draft],
+                     on_durable: Callable[[AppendResult], None] | None = None) -> AppendResult:
         """Store ``drafts`` as one atomic unit: all of them or none (StoreError).
 
         Each stored draft gets its topic's next seq, in the drafts' order. The
@@ -75,6 +76,9 @@ class Store(ABC):
         receipt is the first one. Concurrent appends resolve in commit order,
         in one event-loop callback per commit, so a caller that hands
         ``stored`` on without awaiting anything else delivers in seq order.
+        ``on_durable``, if given, is called with the result inside that
+        callback, before any awaiting caller resumes: the earliest moment, in
+        commit order, saving the loop turns an await costs.
         """
 
     @abstractmethod

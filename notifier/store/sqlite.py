@@ -110,6 +110,7 @@ class _Job:
     run: Callable[["_Transaction"], Any]
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    on_done: Callable[[Any], None] | None = None  # called with the result, on the loop
 
 
 @dataclass
@@ -216,12 +217,13 @@ class SQLiteStore(Store):
 
     # The writer thread
 
-    def _submit(self, run: Callable[[_Transaction], Any]) -> asyncio.Future:
+    def _submit(self, run: Callable[[_Transaction], Any],
+                on_done: Callable[[Any], None] | None = None) -> asyncio.Future:
         if self._writer is None:
             raise StoreError("store is closed")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Job(run, future, loop))
+        self._queue.put(_Job(run, future, loop, on_done))
         return future
 
     def _write_loop(self) -> None:
@@ -345,9 +347,10 @@ class SQLiteStore(Store):
 
     # Writes
 
-    async def append(self, drafts: Sequence[Draft]) -> AppendResult:
+    async def append(self, drafts: Sequence[Draft],
+                     on_durable: Callable[[AppendResult], None] | None = None) -> AppendResult:
         drafts = list(drafts)
-        return await self._submit(lambda txn: _append(txn, drafts))
+        return await self._submit(lambda txn: _append(txn, drafts), on_durable)
 
     async def set_cursor(self, user: str, topic: str, seq: int) -> None:
         def run(txn: _Transaction) -> None:
@@ -447,6 +450,11 @@ def _append(txn: _Transaction, drafts: list[Draft]) -> AppendResult:
 
 def _resolve(outcomes: list) -> None:
     for job, result, error in outcomes:
+        if error is None and job.on_done is not None:
+            try:
+                job.on_done(result)  # even for a caller that gave up: the work is committed
+            except Exception:  # noqa: BLE001 - the other jobs of the group must resolve
+                _log.exception("store.on_durable_failed")
         if job.future.done():
             continue  # the caller gave up (cancelled); the work is committed regardless
         if error is not None:

@@ -252,6 +252,41 @@ async def test_failing_batch_does_not_harm_concurrent_ones(open_store):
     assert [m.data for m in history.messages] == [b"1", b"3"]
 
 
+
+async def test_on_durable_runs_in_commit_order_before_the_callers_resume(open_store):
+    store = await open_store()
+    events: list[str] = []
+
+    async def publish(value) -> None:
+        drafts = [draft("t", value)] if value != "bad" else [Draft("t", object())]
+        try:
+            await store.append(drafts, lambda result: events.append(
+                f"durable {result.receipts[0].seq}"))
+        except StoreError:
+            events.append("failed")
+        else:
+            events.append(f"resumed {value}")
+
+    await asyncio.gather(*(publish(value) for value in ("a", "b", "bad", "c")))
+    durable = [e for e in events if e.startswith("durable")]
+    assert durable == ["durable 1", "durable 2", "durable 3"]  # commit order; none for the failure
+    assert "failed" in events
+    # Each hand-off happened before its own caller (and any later one) resumed.
+    for seq, value in ((1, "a"), (2, "b"), (3, "c")):
+        assert events.index(f"durable {seq}") < events.index(f"resumed {value}")
+
+
+async def test_on_durable_runs_even_when_the_caller_gave_up(open_store):
+    store = await open_store()
+    handed: list[int] = []
+    task = asyncio.ensure_future(store.append([draft("t", 1)], lambda r: handed.append(r.receipts[0].seq)))
+    await asyncio.sleep(0)
+    task.cancel()
+    await store.append([draft("t", 2)])  # committed after the first: its callback ran by now
+    assert handed == [1]
+    assert await seqs_of(store, "t") == [1, 2]
+
+
 # Cursors
 
 
