@@ -163,8 +163,7 @@ class Outbox:
             for payload in payloads:
                 self.send_compressed(payload)
         elif self.chunks is not None:
-            self.chunks.append(frames)
-            self.pending += len(frames)
+            self.queue(frames, payloads)  # behind what waits, under the same cap
         else:
             self._write(frames, (frames,))
 
