@@ -117,7 +117,7 @@ class Outbox:
     cannot share pre-built frames, and its writes go out immediately."""
 
     __slots__ = ("stream", "limit", "flusher", "on_overflow", "write_compressed", "chunks",
-                 "pending", "closed", "ready", "buffered", "_send", "_last_write")
+                 "pending", "closed", "ready", "_send", "_unsent", "_last_write")
 
     def __init__(self, stream: IOStream, limit: int, flusher: Flusher,
                  on_overflow: Callable[[], None],
@@ -135,11 +135,15 @@ class Outbox:
         # Writing straight to the socket skips IOStream's Future-per-write; only
         # sound for a plain (non-TLS) stream, where socket bytes are wire bytes.
         self._send = stream.socket.send if type(stream) is IOStream else None
-        # True when a frame can go to the socket right now: open, uncompressed,
-        # plain, nothing waiting here or in the IOStream. One flag, so the
-        # fan-out's per-connection check is one attribute read.
+        # What IOStream holds unsent: ours, or Tornado's own frames (pings,
+        # pongs, close), possibly cut in the middle. A direct send must wait
+        # while it holds anything. Its ``_size`` is read directly: asking
+        # ``stream.writing()`` costs two Python calls per write.
+        self._unsent = stream._write_buffer
+        # True when nothing of ours stands in the way of a direct send: open,
+        # plain, uncompressed, nothing waiting here. With ``_unsent`` empty,
+        # the fan-out's check is two attribute reads.
         self.ready = self._send is not None and write_compressed is None
-        self.buffered = False  # bytes were handed to IOStream (which may still hold them)
         # IOStream enforces the cap itself and raises StreamBufferFullError.
         stream.max_write_buffer_size = limit
         self._last_write: Awaitable[None] | None = None
@@ -147,7 +151,7 @@ class Outbox:
     def write(self, frames: bytes, payloads: Sequence[bytes]) -> None:
         """Send ``frames`` (the uncompressed frames of ``payloads``) now if the
         socket has room, else behind what is already waiting."""
-        if self.ready:
+        if self.ready and not self._unsent._size:
             try:
                 sent = self._send(frames)
             except (BlockingIOError, InterruptedError):
@@ -215,8 +219,7 @@ class Outbox:
         """``data`` is ``chunks`` joined: whole frames, which an overflow must
         not leave half-sent."""
         sent = 0
-        if self._send is not None and not (self.buffered and self.stream.writing()):
-            self.buffered = False
+        if self._send is not None and not self._unsent._size:
             try:
                 sent = self._send(data)
             except (BlockingIOError, InterruptedError):
@@ -232,8 +235,6 @@ class Outbox:
     def _buffer(self, rest: bytes, chunks: Sequence[bytes], sent: int) -> None:
         """Hand what the socket did not take to IOStream, which writes it when
         the socket has room; the first ``sent`` bytes of ``chunks`` went out."""
-        self.ready = False
-        self.buffered = True
         try:
             self._last_write = self.stream.write(rest)
         except StreamBufferFullError:
