@@ -39,6 +39,11 @@ starts every server as a subprocess (pinned to the other core):
 * Memory per idle connection: ``--memory-connections`` (10,000) subscribed,
   idle connections to a fresh notifier and a fresh ``websockets`` peer; RSS
   delta / connections.
+* Send floor (``bench/send_floor.py``): a child pinned to the server core
+  sends the same bytes to ``--subscribers`` TCP_NODELAY loopback sockets in a
+  plain loop, ``--floor-rounds`` timed rounds, for a notifier frame's size and
+  for 2,000 bytes: the least one round to every subscriber costs here, with no
+  server code at all; the HTTP goal's line quotes it.
 * HTTP publish -> WebSocket receive: ``POST /api/publish`` paced at
   ``--http-rate`` (1,000/s) for ``--http-seconds`` to 1,000 subscribers of a
   fresh notifier; p99 publish-to-receive. So that the load generator (which
@@ -82,6 +87,8 @@ from typing import Any, Callable
 
 import orjson
 from picows import WSListener, WSMsgType, WSTransport, ws_connect
+
+from bench import send_floor
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = WSMsgType.TEXT
@@ -746,6 +753,17 @@ async def connect_mixed_subscribers(
     return sampled, raw
 
 
+def message_wire_size(payload: int, seq: int = 1000) -> int:
+    """Wire size of the `message` frame notifier sends for `payload`-byte
+    `data`: the shape of Message.payload() in notifier/messages.py, with a
+    24-digit id, a millisecond RFC 3339 time and a 4-digit seq (a durable
+    store some thousand messages in, as in the HTTP test: 236 bytes for 100)."""
+    head, tail = make_data_template(payload)
+    body = (b'{"type":"message","topic":"%s","seq":%d,"id":"%s","time":"2026-01-01T00:00:00.000Z",'
+            b'"event":null,"data":%s%s%s}' % (TOPIC.encode(), seq, b"0" * 24, head, b"0" * 16, tail))
+    return _frame_wire_size(len(body))
+
+
 def make_data_template(payload: int) -> tuple[bytes, bytes]:
     """`data` is {"ts":<16 digits>,"pad":"xxx"} of exactly `payload` bytes (compact JSON)."""
     fixed = len(b'{"ts":') + 16 + len(b',"pad":""}')
@@ -947,6 +965,27 @@ async def memory_test(name: str, workdir: Path, args: argparse.Namespace) -> dic
         return result
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- send floor
+
+
+async def floor_test(args: argparse.Namespace) -> dict:
+    """bench/send_floor.py with this run's cores and subscriber count: the least
+    one round of sends to every subscriber costs on the server core."""
+    exclude = OUR_PIDS | {os.getpid()}
+    others0 = user_process_times(exclude)
+    t0 = time.perf_counter()
+    f = await send_floor.measure(args.subscribers, [message_wire_size(args.payload), send_floor.BATCH_SIZE],
+                                 args.floor_rounds, preexec=_server_preexec(args.server_core),
+                                 source_ips=args.source_ip_list)
+    f["others_cpu_pct"] = 100 * others_cpu_delta(others0, user_process_times(exclude)) / (time.perf_counter() - t0)
+    log("send floor: " + ", ".join(f"{r['bytes']} bytes: round median {r['round_ms_median']:.2f} ms "
+                                   f"(p90 {r['round_ms_p90']:.2f}), {r['us_per_send']:.2f} µs per send"
+                                   for r in f["sizes"])
+        + f"; other processes {f['others_cpu_pct']:.0f}%"
+        + (f"  PROBLEMS: {f['problems']}" if f["problems"] else ""))
+    return f
 
 
 # --------------------------------------------------------------------------- HTTP publish -> WS receive
@@ -1291,7 +1330,8 @@ def fmt_http(h: dict | None) -> str:
     ])
 
 
-def goals(summary: dict, mem: list[dict], http: dict | None) -> list[tuple[str, str, str]]:
+def goals(summary: dict, mem: list[dict], http: dict | None,
+          floor: dict | None = None) -> list[tuple[str, str, str]]:
     out = []
 
     def rate(name, scenario):
@@ -1335,6 +1375,10 @@ def goals(summary: dict, mem: list[dict], http: dict | None) -> list[tuple[str, 
             out.append((title, "PASS" if ok else "FAIL", note))
     else:
         out.append((title, "n/a", "not measured"))
+    if send_floor.floor_note(floor):
+        # Context only: the verdict above does not depend on it.
+        title, verdict, note = out[-1]
+        out[-1] = (title, verdict, f"{note}; send floor: {send_floor.floor_note(floor)}")
     return out
 
 
@@ -1438,6 +1482,7 @@ async def amain(args: argparse.Namespace) -> int:
     failures: dict[str, list[str]] = {}
     mem: list[dict] = []
     http: dict | None = None
+    floor: dict | None = None
     try:
         await wait_quiet(args, exclude={os.getpid()})
         for name in args.servers:
@@ -1503,6 +1548,18 @@ async def amain(args: argparse.Namespace) -> int:
                 except Exception as exc:
                     log(f"{name}: memory test failed: {exc}")
                     mem.append({"server": name, "error": str(exc)})
+        if args.floor_rounds > 0:
+            for attempt in range(args.retries + 1):
+                await wait_quiet(args, exclude=OUR_PIDS | {os.getpid()})
+                try:
+                    floor = await floor_test(args)
+                except Exception as exc:
+                    log(f"send floor failed: {exc}")
+                    floor = {"error": str(exc)}
+                    break
+                if floor["others_cpu_pct"] <= args.max_others or attempt == args.retries:
+                    break
+                log(f"  other processes used {floor['others_cpu_pct']:.0f}% CPU during the send floor: repeating it")
         if args.http_seconds > 0:
             for attempt in range(args.retries + 1):
                 await wait_quiet(args, exclude=OUR_PIDS | {os.getpid()})
@@ -1526,6 +1583,11 @@ async def amain(args: argparse.Namespace) -> int:
     for m in mem:
         if "error" in m:
             failures.setdefault(f"{m['server']} (memory)", []).append(m["error"])
+    if floor:
+        if "error" in floor:
+            failures.setdefault("send floor", []).append(floor["error"])
+        for p_ in floor.get("problems", []):
+            failures.setdefault("send floor", []).append(p_)
     if http:
         if "error" in http:
             failures.setdefault("notifier (HTTP publish)", []).append(http["error"])
@@ -1534,7 +1596,7 @@ async def amain(args: argparse.Namespace) -> int:
         if http.get("first_error"):
             failures.setdefault("notifier (HTTP publish)", []).append(http["first_error"])
     summary = summarize(targets)
-    verdicts = goals(summary, mem, http)
+    verdicts = goals(summary, mem, http, floor)
     version = git_version()
     total_s = time.monotonic() - started
     cmd = "python -m bench.fanout " + " ".join(sys.argv[1:])
@@ -1548,6 +1610,9 @@ async def amain(args: argparse.Namespace) -> int:
           f"(the same work for every server).", "", fmt_table(summary)]
     if mem:
         md += ["", "Memory per idle connection (connected and subscribed, compression off):", "", fmt_memory(mem)]
+    if floor:
+        md += ["", "Send floor (bench/send_floor.py: one plain `send` per socket, no server):", "",
+               send_floor.fmt_floor(floor)]
     if http:
         md += ["", f"HTTP `POST /api/publish` -> WebSocket receive (notifier, durable):", "", fmt_http(http)]
     md += ["", "Goals (issue 4):", ""] + [f"- {v}: {title}: {note}" for title, v, note in verdicts]
@@ -1557,7 +1622,8 @@ async def amain(args: argparse.Namespace) -> int:
     text = "\n".join(md)
     print()
     print(text)
-    results.update(summary=summary, rounds={t.server.name: t.rounds for t in targets}, memory=mem, http=http,
+    results.update(summary=summary, rounds={t.server.name: t.rounds for t in targets}, memory=mem,
+                   send_floor=floor, http=http,
                    goals=verdicts, failures=failures, markdown=text, total_s=total_s,
                    when=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     out_dir = Path(args.results)
@@ -1590,6 +1656,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-connections", type=int, default=10000, help="0 to skip the memory test")
     p.add_argument("--memory-servers", default=f"{BASELINE},notifier")
     p.add_argument("--settle", type=float, default=2.0, help="seconds to wait before reading RSS")
+    p.add_argument("--floor-rounds", type=int, default=300,
+                   help="send floor (bench/send_floor.py): timed rounds per send size; 0 to skip it")
     p.add_argument("--http-rate", type=int, default=1000, help="POST /api/publish per second")
     p.add_argument("--http-seconds", type=float, default=5.0, help="0 to skip the HTTP publish test")
     p.add_argument("--latency-sample", type=int, default=100,
@@ -1616,13 +1684,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", default=str(ROOT / "bench" / "fanout.png"), help="'' to skip")
     p.add_argument("--keep-logs", action="store_true", help="keep the servers' logs and stores")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 200 subscribers, short rounds, 2,000 idle connections, 1 s of HTTP")
+                   help="smoke run: 200 subscribers, short rounds, 2,000 idle connections, 100 floor rounds, "
+                        "1 s of HTTP")
     args = p.parse_args(argv)
     if args.quick:
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
         for opt, value in (("--subscribers", 200), ("--messages-serial", 30), ("--messages-burst", 100),
                            ("--rounds", 2), ("--memory-connections", 2000), ("--http-seconds", 1.0),
-                           ("--settle", 1.0)):
+                           ("--settle", 1.0), ("--floor-rounds", 100)):
             if opt not in given:
                 setattr(args, opt[2:].replace("-", "_"), value)
         if "--plot" not in given:
