@@ -363,6 +363,7 @@ async def test_after_the_handshake_the_handler_keeps_no_token(services, ws):
         assert list(headers.get_all()) == []
         assert handler.request.query_arguments == {} and handler.request.arguments == {}
         assert handler.get_query_argument("token", None) is None
+        assert handler.request.query == "" and "token" not in handler.request.uri
         assert handler.ui is None
     # The connections work as before.
     for client in (in_query, in_header):

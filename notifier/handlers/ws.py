@@ -142,6 +142,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         headers._combined_cache.clear()
         self._headers = headers
         self.request.arguments = self.request.query_arguments = {}
+        self.request.uri, self.request.query = self.request.path, ""  # the raw query held the token too
         self.request.connection = None  # the HTTP/1 connection; the stream was detached from it
         # What Tornado's _break_cycles does at close (it skips it while a 101
         # connection is open): the template namespace goes.
