@@ -57,7 +57,14 @@ class Flusher:
 
     def in_slice(self) -> bool:
         """May this slice write on? (Cheap enough to ask every few writes.)"""
-        return perf_counter() < self._deadline or not self._loop_has_work()
+        now = perf_counter()
+        if now < self._deadline:
+            return True
+        if self._loop_has_work():
+            return False
+        # Nothing else to do: another slice, before the loop is asked again.
+        self._deadline = now + self.slice_seconds
+        return True
 
     def _never(self) -> bool:
         return False
