@@ -62,8 +62,8 @@ class Hub:
     (``flush``, run by the Flusher); then each topic's messages are framed
     once, joined once, and the same bytes go to each subscriber in one write.
     Ten messages to a thousand subscribers cost a thousand writes, not ten
-    thousand. Writes happen until ``flush``'s deadline; the subscribers left
-    over are queued for the Flusher's next slices."""
+    thousand. Subscribers are written while ``flush``'s ``in_slice`` allows;
+    the rest are queued for the Flusher's next slices."""
 
     def __init__(self, max_parked_bytes: int, schedule: Callable[[], None],
                  on_delivered: Callable[[int], None] | None = None):

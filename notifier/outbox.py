@@ -89,13 +89,6 @@ class Flusher:
                     return
         self._behind = False
 
-    def flush_now(self) -> None:
-        """Write everything waiting, however long it takes (shutdown)."""
-        waiting = self._waiting
-        while waiting:
-            waiting.popleft().flush()
-        self._behind = False
-
 
 def _always() -> bool:
     return True
