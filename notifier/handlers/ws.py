@@ -264,12 +264,11 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         subscription = hub.subscribe(self, topic)
         try:
             if since is None:
-                since = await services.store.get_cursor(self.user, topic)
-                if since is None:
-                    since = default_since
+                since, page = await services.store.read_from_cursor(
+                    self.user, topic, default_since, REPLAY_PAGE)
+            else:
+                page = await services.store.read_since(topic, since, REPLAY_PAGE)
             live_only = since is None
-            page = await services.store.read_since(topic, 0 if live_only else since,
-                                                   0 if live_only else REPLAY_PAGE)
         except StoreError as exc:
             hub.unsubscribe(self, topic)
             services.log.error("store.read_failed", topic=topic, error=str(exc))

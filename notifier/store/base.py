@@ -90,6 +90,20 @@ class Store(ABC):
     async def get_cursor(self, user: str, topic: str) -> int | None:
         """The last seq ``user`` acked on ``topic``, or None."""
 
+    async def read_from_cursor(self, user: str, topic: str, default: int | None,
+                               limit: int) -> tuple[int | None, History]:
+        """Where ``user`` resumes ``topic`` and what follows: the stored cursor,
+        else ``default``; then ``read_since`` from there (``limit`` messages),
+        or, when both are None, no messages (head, epoch and oldest only).
+        Returns (the seq resumed from or None, the History). Stores that can
+        should do both reads in one snapshot and one round trip: every
+        connection starts with this for its personal topic."""
+        since = await self.get_cursor(user, topic)
+        if since is None:
+            since = default
+        return since, await self.read_since(topic, 0 if since is None else since,
+                                            0 if since is None else limit)
+
     @abstractmethod
     async def set_cursor(self, user: str, topic: str, seq: int) -> None:
         """Move the cursor forward to ``seq`` (an older seq is ignored); durable

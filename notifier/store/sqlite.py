@@ -392,15 +392,26 @@ class SQLiteStore(Store):
             raise StoreError(f"read failed: {exc}") from None
 
     async def read_since(self, topic: str, since: int, limit: int) -> History:
-        def run(db: sqlite3.Connection) -> History:
-            row = db.execute(SELECT_HEAD, (topic,)).fetchone()
-            head = row[0] if row else 0
-            oldest = db.execute(SELECT_OLDEST, (topic,)).fetchone()[0]
-            rows = db.execute(SELECT_SINCE, (topic, since, limit)).fetchall()
-            messages = [Message(topic, seq, mid, mtime, event, data)
-                        for seq, mid, mtime, event, data in rows]
-            return History(messages, head, self.epoch, head + 1 if oldest is None else oldest)
+        return await self._read(lambda db: self._history(db, topic, since, limit))
+
+    async def read_from_cursor(self, user: str, topic: str, default: int | None,
+                               limit: int) -> tuple[int | None, History]:
+        def run(db: sqlite3.Connection) -> tuple[int | None, History]:
+            row = db.execute(SELECT_CURSOR, (user, topic)).fetchone()
+            since = row[0] if row else default
+            if since is None:
+                return None, self._history(db, topic, 0, 0)
+            return since, self._history(db, topic, since, limit)
         return await self._read(run)
+
+    def _history(self, db: sqlite3.Connection, topic: str, since: int, limit: int) -> History:
+        row = db.execute(SELECT_HEAD, (topic,)).fetchone()
+        head = row[0] if row else 0
+        oldest = db.execute(SELECT_OLDEST, (topic,)).fetchone()[0]
+        rows = db.execute(SELECT_SINCE, (topic, since, limit)).fetchall() if limit else []
+        messages = [Message(topic, seq, mid, mtime, event, data)
+                    for seq, mid, mtime, event, data in rows]
+        return History(messages, head, self.epoch, head + 1 if oldest is None else oldest)
 
     async def get_cursor(self, user: str, topic: str) -> int | None:
         def run(db: sqlite3.Connection) -> int | None:

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from notifier.messages import Draft
-from notifier.store.base import Receipt, SeqAboveHead, StoreError
+from notifier.store.base import Receipt, SeqAboveHead, Store, StoreError
 from notifier.store.sqlite import SQLiteStore
 
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -288,6 +288,28 @@ async def test_on_durable_runs_even_when_the_caller_gave_up(open_store):
 
 
 # Cursors
+
+
+
+async def test_read_from_cursor_resumes_after_the_cursor_else_the_default(open_store):
+    store = await open_store()
+    await store.append([draft("t", i) for i in range(5)])
+    # Both the store's own one-snapshot version and the base class's two-read
+    # one (what a store without its own gets) must agree.
+    for read in (store.read_from_cursor, lambda *a: Store.read_from_cursor(store, *a)):
+        since, page = await read("alice", "t", None, 100)
+        assert since is None and page.messages == [] and page.head == 5
+        since, page = await read("alice", "t", 0, 100)
+        assert since == 0 and [m.seq for m in page.messages] == [1, 2, 3, 4, 5]
+        since, page = await read("alice", "t", 0, 2)
+        assert [m.seq for m in page.messages] == [1, 2]
+    await store.set_cursor("alice", "t", 3)
+    for read in (store.read_from_cursor, lambda *a: Store.read_from_cursor(store, *a)):
+        since, page = await read("alice", "t", None, 100)
+        assert since == 3 and [m.seq for m in page.messages] == [4, 5]
+        assert (page.head, page.oldest, page.epoch) == (5, 1, store.epoch)
+        since, page = await read("bob", "t", None, 100)  # cursors are per user
+        assert since is None and page.messages == []
 
 
 async def test_cursor_unset_is_none(open_store):
