@@ -5,6 +5,7 @@ set -uo pipefail
 need=()
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+[[ -x /usr/bin/chromium ]] || need+=(chromium)  # tests/test_browser.py, driven by Playwright
 ((${#need[@]})) || exit 0
 if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   echo "prereqs: installing ${need[*]}" >&2
