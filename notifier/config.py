@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 import jwt.algorithms
 
@@ -278,6 +279,19 @@ def validate(config: Config) -> None:
     for key in config.auth.api_keys:
         if len(key) < 8:
             bad("auth.api_keys", "every key must be at least 8 characters")
+
+
+def canonical_origin(origin: str) -> str:
+    """``scheme://host[:port]`` the way browsers send ``Origin``: lowercase,
+    no default port, no trailing slash. Allow-list entries and the request's
+    header are compared in this form, so ``https://App.example.com:443/``
+    in the config matches what a browser sends."""
+    parts = urlsplit(origin.strip().rstrip("/"))
+    scheme, netloc = parts.scheme.lower(), parts.netloc.lower()
+    default_port = {"http": ":80", "https": ":443"}.get(scheme)
+    if default_port and netloc.endswith(default_port):
+        netloc = netloc[:-len(default_port)]
+    return f"{scheme}://{netloc}" if scheme else origin
 
 
 def state_directory(env: Mapping[str, str] | None = None) -> Path:

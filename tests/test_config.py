@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from notifier.config import Config, ConfigError, load, state_directory
+from notifier.config import Config, ConfigError, canonical_origin, load, state_directory
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "config" / "notifier.toml"
@@ -398,3 +398,18 @@ class TestStateDirectory:
         assert state_directory() == tmp_path
         monkeypatch.delenv("STATE_DIRECTORY")
         assert state_directory() == Path("var")
+
+
+
+@pytest.mark.parametrize("given, canonical", [
+    ("https://app.example.com", "https://app.example.com"),
+    ("HTTPS://App.Example.COM/", "https://app.example.com"),
+    ("https://app.example.com:443", "https://app.example.com"),
+    ("http://app.example.com:80", "http://app.example.com"),
+    ("http://app.example.com:443", "http://app.example.com:443"),
+    ("https://app.example.com:8443", "https://app.example.com:8443"),
+    ("http://[::1]:3000", "http://[::1]:3000"),
+    ("null", "null"),
+])
+def test_canonical_origin(given, canonical):
+    assert canonical_origin(given) == canonical

@@ -305,6 +305,19 @@ async def test_allowed_origin_is_accepted(app_origin, port):
     client.close()
 
 
+async def test_allow_list_entry_matches_however_it_is_spelled(config, port):
+    # Browsers send a lowercase host and no default port.
+    config.server.allowed_origins = ["HTTPS://App.Example:443/"]
+    client = await connect(port, token("alice"), headers={"Origin": "https://app.example"})
+    await client.send({"type": "ping", "ref": 1})
+    assert (await client.expect("pong"))["ref"] == 1
+    client.close()
+    other_port = await connect(port, token("alice"), welcome=False,
+                               headers={"Origin": "https://app.example:8443"})
+    assert await other_port.closed() == 4003
+    other_port.close()
+
+
 async def test_origin_outside_allow_list_is_closed_with_4003(app_origin, port):
     client = await connect(port, token("alice"), welcome=False,
                            headers={"Origin": "https://evil.example"})

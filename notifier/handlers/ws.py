@@ -19,6 +19,7 @@ from tornado.iostream import StreamBufferFullError
 
 from notifier import protocol
 from notifier.auth import AuthError, Identity
+from notifier.config import canonical_origin
 from notifier.frames import text_frame
 from notifier.handlers.api import finish_with_error
 from notifier.messages import Draft
@@ -95,7 +96,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         if origin is None:
             return True  # not a browser
         allowed = self.config.server.allowed_origins
-        if "*" in allowed or origin.rstrip("/") in allowed:
+        if "*" in allowed or canonical_origin(origin) in {canonical_origin(a) for a in allowed}:
             return True
         return urlsplit(origin).netloc.lower() == self.request.host.lower()
 
