@@ -89,6 +89,7 @@ import orjson
 from picows import WSListener, WSMsgType, WSTransport, ws_connect
 
 from bench import send_floor
+from bench.stats import percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = WSMsgType.TEXT
@@ -769,13 +770,6 @@ def make_data_template(payload: int) -> tuple[bytes, bytes]:
     fixed = len(b'{"ts":') + 16 + len(b',"pad":""}')
     pad = b"x" * max(0, payload - fixed)
     return b'{"ts":', b',"pad":"' + pad + b'"}'
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
-    return sorted_values[k]
 
 
 # --------------------------------------------------------------------------- one server's load

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import gc
 import json
-import math
 import os
 import socket
 import statistics
@@ -37,15 +36,9 @@ import sys
 import time
 from typing import Any, Callable
 
+from bench.stats import percentile
+
 BATCH_SIZE = 2000  # bytes: about nine 236-byte frames in one write
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest rank, as bench.fanout's percentile()."""
-    if not sorted_values:
-        return float("nan")
-    k = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
-    return sorted_values[k]
 
 
 # --------------------------------------------------------------------------- the sender (child process)
@@ -197,7 +190,7 @@ async def measure(subscribers: int, sizes: list[int], rounds: int, *, preexec: C
         rows.append({
             "bytes": s["bytes"],
             "round_ms_median": median * 1e3,
-            "round_ms_p90": _percentile(t, 90) * 1e3,
+            "round_ms_p90": percentile(t, 90) * 1e3,
             "round_ms_min": t[0] * 1e3,
             "us_per_send": median / subscribers * 1e6,
             "short_sends": s["short_sends"],
