@@ -83,7 +83,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import orjson
 from picows import WSListener, WSMsgType, WSTransport, ws_connect
@@ -1468,6 +1468,24 @@ async def wait_quiet(args: argparse.Namespace, exclude: set[int], timeout: float
             return False
 
 
+async def run_quietly(args: argparse.Namespace, what: str,
+                      run: Callable[[int], Awaitable[dict]]) -> dict:
+    """``run(attempt)`` once the machine is quiet; repeated (up to --retries)
+    while other processes used more CPU than --max-others during it. A
+    failure is returned as {"error": ...}."""
+    for attempt in range(args.retries + 1):
+        await wait_quiet(args, exclude=OUR_PIDS | {os.getpid()})
+        try:
+            result = await run(attempt)
+        except Exception as exc:
+            log(f"{what} failed: {exc}")
+            return {"error": str(exc)}
+        if result["others_cpu_pct"] <= args.max_others or attempt == args.retries:
+            return result
+        log(f"  other processes used {result['others_cpu_pct']:.0f}% CPU during the {what}: repeating it")
+    raise AssertionError("unreachable: the last attempt returns")
+
+
 async def amain(args: argparse.Namespace) -> int:
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="fanout-"))
@@ -1543,29 +1561,10 @@ async def amain(args: argparse.Namespace) -> int:
                     log(f"{name}: memory test failed: {exc}")
                     mem.append({"server": name, "error": str(exc)})
         if args.floor_rounds > 0:
-            for attempt in range(args.retries + 1):
-                await wait_quiet(args, exclude=OUR_PIDS | {os.getpid()})
-                try:
-                    floor = await floor_test(args)
-                except Exception as exc:
-                    log(f"send floor failed: {exc}")
-                    floor = {"error": str(exc)}
-                    break
-                if floor["others_cpu_pct"] <= args.max_others or attempt == args.retries:
-                    break
-                log(f"  other processes used {floor['others_cpu_pct']:.0f}% CPU during the send floor: repeating it")
+            floor = await run_quietly(args, "send floor", lambda attempt: floor_test(args))
         if args.http_seconds > 0:
-            for attempt in range(args.retries + 1):
-                await wait_quiet(args, exclude=OUR_PIDS | {os.getpid()})
-                try:
-                    http = await http_test(workdir, args, attempt)
-                except Exception as exc:
-                    log(f"HTTP publish test failed: {exc}")
-                    http = {"error": str(exc)}
-                    break
-                if http["others_cpu_pct"] <= args.max_others or attempt == args.retries:
-                    break
-                log(f"  other processes used {http['others_cpu_pct']:.0f}% CPU during the HTTP test: repeating it")
+            http = await run_quietly(args, "HTTP publish test",
+                                     lambda attempt: http_test(workdir, args, attempt))
     finally:
         for t in targets:
             t.server.stop()
