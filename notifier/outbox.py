@@ -151,6 +151,8 @@ class Outbox:
     def write(self, frames: bytes, payloads: Sequence[bytes]) -> None:
         """Send ``frames`` (the uncompressed frames of ``payloads``) now if the
         socket has room, else behind what is already waiting."""
+        # The send of ``_write``, inlined: this runs once per subscriber per
+        # fan-out, where one more call costs about 1% of the delivery.
         if self.ready and not self._unsent._size:
             try:
                 sent = self._send(frames)
