@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test bench clean
+.PHONY: run test test-lowest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,29 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[bench]'
 	touch $@
 
+# The lowest Tornado setup.cfg admits, in a venv of its own: CI runs the
+# suite on it too, since notifier reads some of Tornado's private attributes
+# (notifier/internals.py).
+LOWEST_TORNADO := $(shell sed -n 's/.*tornado>=\([0-9.]*\).*/\1/p' setup.cfg)
+LOWEST := .venv-lowest
+
+$(LOWEST)/.installed-test: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install --quiet --upgrade pip
+	$(LOWEST)/bin/pip install --quiet -e '.[test]' 'tornado==$(LOWEST_TORNADO)'
+	touch $@
+
 run: $(VENV)/.installed
 	$(BIN)/notifier serve $(ARGS)
 
 test: $(VENV)/.installed-test
 	bash tests/prereqs.sh
 	$(BIN)/python -m pytest $(ARGS)
+
+test-lowest: $(LOWEST)/.installed-test
+	bash tests/prereqs.sh
+	$(LOWEST)/bin/python -c 'import tornado; print("tornado", tornado.version)'
+	$(LOWEST)/bin/python -m pytest $(ARGS)
 
 # Both benchmarks, one after the other (never at once: each pins its server to core 0).
 bench: $(VENV)/.installed-bench
@@ -36,4 +53,4 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.fanout
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) $(LOWEST) var .pytest_cache

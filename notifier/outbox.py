@@ -20,6 +20,8 @@ from typing import Awaitable, Callable, Sequence
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.websocket import WebSocketClosedError
 
+from notifier import internals
+
 # Writing 1,000 sockets takes about 5 ms here: a slice is a fifth of that, so
 # a request or a commit waits about 1 ms for the loop, not the whole fan-out.
 SLICE = 0.001
@@ -40,15 +42,15 @@ class Flusher:
         self._scheduled = False
         self._behind = False  # the last slice ended with outboxes still waiting
         self._deadline = 0.0
-        self._loop_has_work: Callable[[], bool] = _always
+        self._loop_has_work: Callable[[], bool] | None = None
         self.before: list[Callable[[Callable[[], bool]], None]] = []
 
     def schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
             loop = asyncio.get_running_loop()
-            if self._loop_has_work is _always:
-                self._loop_has_work = _work_probe(loop)
+            if self._loop_has_work is None:
+                self._loop_has_work = internals.work_probe(loop)
             loop.call_soon(self.flush_all)
 
     def mark(self, outbox: "Outbox") -> None:
@@ -90,27 +92,6 @@ class Flusher:
         self._behind = False
 
 
-def _always() -> bool:
-    return True
-
-
-def _work_probe(loop: asyncio.AbstractEventLoop) -> Callable[[], bool]:
-    """A function telling whether ``loop`` has something else to run: a ready
-    callback, or a readable or writable socket. It peeks at asyncio's private
-    ready queue and selector (epoll is level-triggered, so looking loses no
-    event); on a loop without them it always says yes, so slices stay short."""
-    ready = getattr(loop, "_ready", None)
-    selector = getattr(loop, "_selector", None)
-    if ready is None or selector is None:
-        return _always
-    select = selector.select
-
-    def has_work() -> bool:
-        return bool(ready) or bool(select(0))
-
-    return has_work
-
-
 class Outbox:
     """``write_compressed``, when given, sends one message through a
     per-connection compressor instead (permessage-deflate): such a connection
@@ -137,9 +118,8 @@ class Outbox:
         self._send = stream.socket.send if type(stream) is IOStream else None
         # What IOStream holds unsent: ours, or Tornado's own frames (pings,
         # pongs, close), possibly cut in the middle. A direct send must wait
-        # while it holds anything. Its ``_size`` is read directly: asking
-        # ``stream.writing()`` costs two Python calls per write.
-        self._unsent = stream._write_buffer
+        # while it holds anything.
+        self._unsent = internals.unsent_bytes(stream)
         # True when nothing of ours stands in the way of a direct send: open,
         # plain, uncompressed, nothing waiting here. With ``_unsent`` empty,
         # the fan-out's check is two attribute reads.
@@ -153,7 +133,7 @@ class Outbox:
         socket has room, else behind what is already waiting."""
         # The send of ``_write``, inlined: this runs once per subscriber per
         # fan-out, where one more call costs about 1% of the delivery.
-        if self.ready and not self._unsent._size:
+        if self.ready and not len(self._unsent):
             try:
                 sent = self._send(frames)
             except (BlockingIOError, InterruptedError):
@@ -221,7 +201,7 @@ class Outbox:
         """``data`` is ``chunks`` joined: whole frames, which an overflow must
         not leave half-sent."""
         sent = 0
-        if self._send is not None and not self._unsent._size:
+        if self._send is not None and not len(self._unsent):
             try:
                 sent = self._send(data)
             except (BlockingIOError, InterruptedError):

@@ -15,7 +15,7 @@ from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
 from notifier import config as config_module
-from notifier import logs, protocol
+from notifier import internals, logs, protocol
 from notifier.app import Services, build_services, make_app
 from notifier.auth import ApiKeys, DevCredentials, TokenVerifier, development_credentials
 from notifier.broker.local import LocalBroker
@@ -61,6 +61,11 @@ class Server:
 
     async def run(self) -> int:
         config = self.config
+        try:
+            internals.check()
+        except internals.InternalsMissing as exc:
+            print(f"notifier: {exc}", file=sys.stderr)
+            return 1
         try:
             dev = resolve_secrets(config)
         except ConfigError as exc:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import tornado.websocket
 from tornado.iostream import StreamBufferFullError
 
-from notifier import protocol
+from notifier import internals, protocol
 from notifier.auth import AuthError, Identity
 from notifier.config import canonical_origin
 from notifier.frames import text_frame
@@ -117,7 +117,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
                                   self.config.limits.commands_burst)
         # A negotiated permessage-deflate context is per connection: such a
         # client cannot share pre-built frames.
-        self.compressed = getattr(self.ws_connection, "_compressor", None) is not None
+        self.compressed = internals.is_compressed(self.ws_connection)
         self.outbox = Outbox(self.ws_connection.stream, self.config.limits.max_buffered_bytes,
                              services.flusher, self._on_overflow,
                              self.ws_connection.write_message if self.compressed else None)
@@ -133,21 +133,11 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         services.log.info("connection.open", conn=self.id, user=self.user,
                           ip=self.request.remote_ip)
         # The handshake is over: its headers both ways, the query (token
-        # included) and the template namespace are never read again, and with
-        # many idle connections they are a good part of each one's memory.
-        # Tornado's get() holds the request headers in a local for the life of
-        # the connection, so they are emptied in place (its two dicts), and the
-        # emptied object stands in for the response headers too.
-        headers = self.request.headers
-        headers._as_list.clear()
-        headers._combined_cache.clear()
-        self._headers = headers
+        # included) and the template namespace are never read again.
+        internals.release_handshake(self)
         self.request.arguments = self.request.query_arguments = {}
         self.request.uri, self.request.query = self.request.path, ""  # the raw query held the token too
         self.request.connection = None  # the HTTP/1 connection; the stream was detached from it
-        # What Tornado's _break_cycles does at close (it skips it while a 101
-        # connection is open): the template namespace goes.
-        self.ui = None
         self.send(protocol.welcome(self.id, self.user, self.config.heartbeat.interval,
                                    self.identity.expires))
         # The offline queue: the personal topic from the stored cursor, else
