@@ -355,7 +355,7 @@ async def test_after_the_handshake_the_handler_keeps_no_token(services, ws):
     jwt = token("alice")
     in_query = await ws(jwt)
     in_header = await ws(None, headers={"Authorization": f"Bearer {jwt}"})
-    handlers = list(services.hub.peers)
+    handlers = [session.transport for session in services.hub.peers]
     assert len(handlers) == 2
     for handler in handlers:
         headers = handler.request.headers
@@ -365,6 +365,7 @@ async def test_after_the_handshake_the_handler_keeps_no_token(services, ws):
         assert handler.get_query_argument("token", None) is None
         assert handler.request.query == "" and "token" not in handler.request.uri
         assert handler.ui is None
+        assert handler.identity is None  # the session holds it; the token string is not kept
     # The connections work as before.
     for client in (in_query, in_header):
         await client.send({"type": "ping", "ref": "p"})

@@ -1,0 +1,340 @@
+"""One client's conversation, whatever carries it: commands in, replies and
+actions out, with no sockets and no Tornado.
+
+A ``Session`` is built once a connection is accepted and authenticated. The
+transport under it (``handlers/ws.py`` for WebSocket) hands it each client
+frame (``receive``) and each sign of life (``heard``), and says when the
+connection ended (``ended``). Everything the session sends goes through the
+``Transport``: reply frames, pings, closes; live messages reach the same
+outbox straight from the hub. The session keeps the protocol's rules:
+command order, pipelined durable publishes, the rate limit, replay with no
+gap and no duplicate, acks, token refresh.
+
+Command order: quick commands (ping, unsubscribe, auth, ephemeral publish)
+run inside ``receive``, so frames that arrived together are answered in
+one loop turn. ``subscribe`` and ``ack`` wait on the store: ``receive``
+returns an awaitable, and the transport must not hand over the next frame
+until it is done. Durable publishes are the exception: each queues for the
+store's next group commit at once, its reply chained behind the previous
+one (``_chain``), and any later command waits for that chain first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Protocol
+
+from notifier import protocol
+from notifier.auth import AuthError, Identity
+from notifier.hub import Sink, Subscription
+from notifier.messages import Draft, Message
+from notifier.protocol import ProtocolError
+from notifier.ratelimit import TokenBucket
+from notifier.store.base import SeqAboveHead, StoreError
+
+if TYPE_CHECKING:
+    from notifier.app import Services
+
+REPLAY_PAGE = 500
+# A replay waits for the transport once this much is queued, so history of
+# any length streams through a bounded buffer instead of tripping the 4009
+# limit.
+REPLAY_DRAIN_BYTES = 64 * 1024
+
+
+class SessionOutbox(Sink, Protocol):
+    """The transport's outgoing queue (``notifier.outbox.Outbox``): the hub
+    writes live messages into it, the session its replies and replays."""
+
+    limit: int      # bytes it may hold before the connection is a slow consumer
+    pending: int    # bytes queued and not yet handed to the socket
+    closed: bool
+
+    async def drain(self) -> None:
+        """Return once everything queued so far was taken by the socket."""
+
+
+class Transport(Protocol):
+    """What a session needs from the connection under it."""
+
+    outbox: SessionOutbox
+
+    def send(self, payload: bytes) -> None:
+        """Queue one frame (its JSON) behind everything queued before."""
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Close after what is queued; ``ended`` follows."""
+
+    def send_ping(self) -> None:
+        """A transport-level ping; an answer arrives as ``heard``."""
+
+    def overflow(self) -> None:
+        """Too far behind: drop what is queued, then close with 4009."""
+
+
+class Session:
+    def __init__(self, services: "Services", identity: Identity, transport: Transport,
+                 connection_id: str, ip: str | None = None):
+        self.services = services
+        self.config = services.config
+        self.identity = identity
+        self.transport = transport
+        self.outbox = transport.outbox
+        self.id = connection_id
+        self.user = identity.user
+        self.ip = ip
+        self.opened = time.monotonic()
+        # Heartbeat bookkeeping (notifier.heartbeat): any frame or pong is a sign of life.
+        self.last_seen = self.opened
+        self.ping_sent_at: float | None = None
+        self.bucket = TokenBucket(self.config.limits.commands_per_second,
+                                  self.config.limits.commands_burst)
+        self.refused_in_a_row = 0
+        self.registered = False  # in the hub and counted; undone once, by ended()
+        self._chain: asyncio.Future | None = None  # the last durable publish's reply
+
+    # Life cycle
+
+    async def start(self) -> None:
+        """Register, say welcome, and start the offline queue: the personal
+        topic from the stored cursor, else from the oldest retained message."""
+        services = self.services
+        services.hub.add(self)
+        self.registered = True
+        services.metrics.connections.inc()
+        services.log.info("connection.open", conn=self.id, user=self.user, ip=self.ip)
+        self.send(protocol.welcome(self.id, self.user, self.config.heartbeat.interval,
+                                   self.identity.expires))
+        await self._subscribe(self.identity.personal_topic, None, None, default_since=0)
+
+    def ended(self, code: int | None, reason: str | None) -> None:
+        """The transport is closed: leave the hub (once)."""
+        if not self.registered:
+            return
+        self.registered = False
+        services = self.services
+        services.hub.remove(self)
+        services.metrics.connections.dec()
+        services.log.info("connection.close", conn=self.id, user=self.user, code=code,
+                          reason=reason, duration=round(time.monotonic() - self.opened, 3))
+
+    def heard(self) -> None:
+        self.last_seen = time.monotonic()
+        self.ping_sent_at = None
+
+    # What the hub and the heartbeat call
+
+    def send_ping(self) -> None:
+        self.transport.send_ping()
+
+    def close_with(self, code: int, reason: str) -> None:
+        """Close after what is already queued (replies, messages) went out."""
+        self.transport.close_with(code, reason)
+
+    def slow_consumer(self) -> None:
+        self.transport.overflow()
+
+    def overflowed(self) -> None:
+        """The outbox gave up on this client (4009 is on its way)."""
+        services = self.services
+        services.metrics.slow_consumers.inc()
+        services.log.warning("connection.slow_consumer", conn=self.id, user=self.user)
+        services.hub.remove(self)
+
+    # Sending
+
+    def send(self, payload: bytes) -> None:
+        self.transport.send(payload)
+
+    def _error(self, error: ProtocolError) -> None:
+        self.services.metrics.errors.labels(error.code).inc()
+        self.send(error.payload())
+
+    # Commands
+
+    def receive(self, frame: str | bytes) -> Awaitable[None] | None:
+        """Run one client frame; an awaitable when it must finish before
+        the next frame is handed over (see the module docstring)."""
+        self.heard()
+        command = protocol.parse(frame, self.config.limits.max_message_bytes)
+        if not self.bucket.take():
+            self.refused_in_a_row += 1
+            if self.refused_in_a_row > self.config.limits.commands_burst:
+                self.services.log.warning("connection.rate_limited", conn=self.id, user=self.user)
+                self.close_with(protocol.CLOSE_RATE_LIMITED, "rate limited")
+                return None
+            ref = None if isinstance(command, ProtocolError) else command.ref
+            command = ProtocolError(protocol.RATE_LIMITED, "too many commands; slow down", ref)
+        else:
+            self.refused_in_a_row = 0
+        if isinstance(command, protocol.Publish) and not command.ephemeral:
+            self._chain = asyncio.ensure_future(self._publish_in_order(command, self._chain))
+            return None
+        if self._chain is not None:
+            if not self._chain.done():
+                return self._after_chain(command)
+            self._chain = None
+        return self._run(command)
+
+    def _run(self, command: Any) -> Awaitable[None] | None:
+        if isinstance(command, ProtocolError):
+            self._error(command)
+            return None
+        return getattr(self, "_on_" + type(command).__name__.lower())(command)
+
+    async def _after_chain(self, command: Any) -> None:
+        await self._chain
+        result = self._run(command)
+        if result is not None:
+            await result
+
+    async def _on_subscribe(self, command: protocol.Subscribe) -> None:
+        if not self.identity.can_subscribe(command.topic):
+            self._error(ProtocolError(protocol.FORBIDDEN,
+                                      f"not allowed to subscribe to {command.topic}", command.ref))
+            return
+        await self._subscribe(command.topic, command.since, command.ref)
+
+    async def _subscribe(self, topic: str, since: int | None, ref: protocol.Ref,
+                         default_since: int | None = None) -> None:
+        """Subscribe, replay from ``since`` (else the stored cursor, else
+        ``default_since``; None means live only), then go live."""
+        services = self.services
+        hub = services.hub
+        # Register first: anything committed from here on is parked, anything
+        # committed before is in the reads below; seqs sort out the overlap.
+        subscription = hub.subscribe(self, topic)
+        try:
+            if since is None:
+                since, page = await services.store.read_from_cursor(
+                    self.user, topic, default_since, REPLAY_PAGE)
+            else:
+                page = await services.store.read_since(topic, since, REPLAY_PAGE)
+            live_only = since is None
+        except StoreError as exc:
+            hub.unsubscribe(self, topic)
+            services.log.error("store.read_failed", topic=topic, error=str(exc))
+            self._error(ProtocolError(protocol.UNAVAILABLE, "history is unavailable; retry", ref))
+            return
+        if not hub.is_current(subscription):
+            return
+        if live_only:
+            subscription.last_seq = page.head
+            self.send(protocol.subscribed(topic, page.head, page.epoch, True, ref))
+            hub.go_live(subscription)
+            return
+        # Nothing lost when every seq after ``since`` up to the head is retained.
+        recovered = since <= page.head and (since >= page.head or since + 1 >= page.oldest)
+        if since > page.head:
+            since = 0  # the log was reset under the client: start from the oldest retained
+            page = await services.store.read_since(topic, 0, REPLAY_PAGE)
+            if not hub.is_current(subscription):
+                return
+        self.send(protocol.subscribed(topic, page.head, page.epoch, recovered, ref))
+        await self._replay(subscription, page.messages)
+        if hub.is_current(subscription):
+            hub.go_live(subscription)
+
+    async def _replay(self, subscription: Subscription, messages: list[Message]) -> None:
+        hub = self.services.hub
+        outbox = self.outbox
+        drain_at = min(REPLAY_DRAIN_BYTES, outbox.limit // 2)
+        while True:
+            for message in messages:
+                if message.seq <= subscription.last_seq:
+                    continue
+                subscription.last_seq = message.seq
+                self.send(message.payload())
+                if outbox.pending >= drain_at:
+                    await outbox.drain()
+                    if outbox.closed or not hub.is_current(subscription):
+                        return
+                    # No frames (pongs included) are read while a command runs;
+                    # a client draining its replay is alive all the same.
+                    self.heard()
+            if len(messages) < REPLAY_PAGE:
+                return
+            page = await self.services.store.read_since(
+                subscription.topic, subscription.last_seq, REPLAY_PAGE)
+            if outbox.closed or not hub.is_current(subscription):
+                return
+            messages = page.messages
+
+    def _on_unsubscribe(self, command: protocol.Unsubscribe) -> None:
+        self.services.hub.unsubscribe(self, command.topic)
+        self.send(protocol.unsubscribed(command.topic, command.ref))
+
+    async def _on_ack(self, command: protocol.Ack) -> None:
+        if not self.identity.can_subscribe(command.topic):
+            self._error(ProtocolError(protocol.FORBIDDEN,
+                                      f"not allowed to ack on {command.topic}", command.ref))
+            return
+        try:
+            await self.services.store.set_cursor(self.user, command.topic, command.seq)
+        except SeqAboveHead as exc:
+            self._error(ProtocolError(protocol.BAD_REQUEST, str(exc), command.ref))
+        except StoreError as exc:
+            self.services.log.error("store.cursor_failed", topic=command.topic, error=str(exc))
+            self._error(ProtocolError(protocol.UNAVAILABLE, "ack not stored; retry", command.ref))
+
+    def _forbidden_to_publish(self, command: protocol.Publish) -> ProtocolError | None:
+        if self.identity.can_publish(command.topic):
+            return None
+        return ProtocolError(protocol.FORBIDDEN, f"not allowed to publish to {command.topic}",
+                             command.ref)
+
+    def _on_publish(self, command: protocol.Publish) -> None:
+        """Ephemeral publishes only: delivered live, never stored."""
+        services = self.services
+        refused = self._forbidden_to_publish(command)
+        if refused is not None:
+            self._error(refused)
+            return
+        message = services.publisher.publish_ephemeral(
+            Draft(command.topic, command.data, command.event))
+        services.metrics.published_ws_ephemeral.inc()
+        self.send(protocol.published(command.topic, None, message.id, command.ref))
+
+    async def _publish_in_order(self, command: protocol.Publish,
+                                previous: asyncio.Future | None) -> None:
+        services = self.services
+        refused = self._forbidden_to_publish(command)
+        receipt = None
+        if refused is None:
+            try:
+                (receipt,) = (await services.publisher.publish(
+                    [Draft(command.topic, command.data, command.event)])).receipts
+            except StoreError as exc:
+                services.log.error("publish.failed", topic=command.topic, error=str(exc))
+                refused = ProtocolError(protocol.UNAVAILABLE, "not stored; retry", command.ref)
+        if previous is not None:
+            await previous  # replies go out in command order
+        if refused is not None:
+            self._error(refused)
+            return
+        services.metrics.published_ws_stored.inc()
+        services.log.info("publish", path="ws", topic=receipt.topic, seq=receipt.seq,
+                          id=receipt.id, conn=self.id, user=self.user)
+        self.send(protocol.published(receipt.topic, receipt.seq, receipt.id, command.ref))
+
+    def _on_ping(self, command: protocol.Ping) -> None:
+        self.send(protocol.pong(command.ref))
+
+    def _on_auth(self, command: protocol.Auth) -> None:
+        try:
+            identity = self.services.verifier.verify(command.token)
+        except AuthError as exc:
+            self._error(ProtocolError(protocol.UNAUTHORIZED, str(exc), command.ref))
+            return
+        if identity.user != self.user:
+            self._error(ProtocolError(protocol.UNAUTHORIZED,
+                                      "token is for another user", command.ref))
+            return
+        self.identity = identity
+        hub = self.services.hub
+        for topic in hub.topics_of(self):
+            if not identity.can_subscribe(topic):
+                hub.unsubscribe(self, topic)
+                self.send(protocol.unsubscribed(topic))
+        self.send(protocol.authenticated(identity.expires, command.ref))
