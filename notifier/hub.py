@@ -1,18 +1,27 @@
 """The hub: which connection wants which topic, and fan-out.
 
 A message is encoded and framed once; the same bytes go to every subscriber's
-outbox. The hub never reads the store: a subscription that is still replaying
-history parks live messages until the replay is done, then releases the ones
-it has not seen, so delivery has no gap, no duplicate, and stays in order.
+outbox. Each subscription expects exactly ``last_seq + 1`` in its epoch next.
+A repeat is dropped. A message further ahead (another process's message
+overtook one still on its way, or the bus lost some) or from another epoch
+means the subscription has fallen behind: it parks what arrives and asks its
+peer to catch up from the store. The hub never reads the store itself. A
+subscription that is replaying history parks the same way; ``go_live``
+releases what was parked only when it follows on from what the replay sent.
+So delivery never skips, never repeats and stays in order, whichever process
+stored a message and in whatever order the bus hands it over.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Sequence
 
 from notifier.frames import text_frame
 from notifier.messages import Message
+
+if TYPE_CHECKING:
+    from notifier.store.base import Position
 
 # Subscribers written between two questions to in_slice.
 CLOCK_EVERY = 32
@@ -39,18 +48,29 @@ class Peer(Protocol):
     def slow_consumer(self) -> None:
         """The peer fell too far behind: close it (4009)."""
 
+    def catch_up(self, subscription: "Subscription") -> None:
+        """``subscription`` fell behind: read the store after its
+        ``last_seq``, send what it lacks, then ``go_live`` again. The
+        subscription parks whatever arrives meanwhile."""
+
 
 class Subscription:
-    __slots__ = ("peer", "outbox", "topic", "last_seq", "parked", "parked_bytes")
+    __slots__ = ("peer", "outbox", "topic", "last_seq", "epoch", "parked", "parked_bytes",
+                 "recheck")
 
     def __init__(self, peer: Peer, topic: str):
         self.peer = peer
         self.outbox = peer.outbox
         self.topic = topic
+        # The position last sent: set by whoever reads the store for it.
         self.last_seq = 0
-        # While replaying: live messages wait here (with their frames).
+        self.epoch: str | None = None
+        # While replaying or catching up: live messages wait here (with their frames).
         self.parked: list[tuple[Message, bytes, bytes]] | None = []
         self.parked_bytes = 0
+        # Messages may have been lost while this one replayed (the bus
+        # reconnected): read the store once more before going live.
+        self.recheck = False
 
     @property
     def replaying(self) -> bool:
@@ -110,12 +130,70 @@ class Hub:
         """False once the subscription was replaced, ended, or its peer left."""
         return self.peers.get(subscription.peer, {}).get(subscription.topic) is subscription
 
-    def go_live(self, subscription: Subscription) -> None:
-        """End the replay: send what was parked and not yet seen, then live."""
-        parked, subscription.parked = subscription.parked or [], None
+    def go_live(self, subscription: Subscription) -> bool:
+        """End a replay or catch-up: send what was parked and not yet seen,
+        then live. False, with everything still parked, when what was parked
+        does not follow on from ``last_seq`` in ``epoch`` (a gap, another
+        epoch) or a recheck is due: read the store again, then call again."""
+        parked = subscription.parked or []
+        if subscription.recheck:
+            subscription.recheck = False
+            return False
+        last = subscription.last_seq
+        for message, _, _ in parked:
+            seq = message.seq
+            if seq is None:
+                continue
+            if message.epoch != subscription.epoch or seq > last + 1:
+                return False
+            last = max(last, seq)
+        subscription.parked = None
         subscription.parked_bytes = 0
         for message, frame, payload in parked:
-            self._send_one(subscription, message, frame, payload)
+            seq = message.seq
+            if seq is not None:
+                if seq <= subscription.last_seq:
+                    continue  # already replayed: never twice
+                subscription.last_seq = seq
+            subscription.outbox.write(frame, (payload,))
+        return True
+
+    def forget_stale(self, subscription: Subscription, parked_before: int, head: int) -> None:
+        """A store read that began once ``parked_before`` messages were
+        parked found the log at ``head`` in ``subscription.epoch``. Those
+        messages were stored before it began, so one the log does not know
+        (another epoch, or beyond ``head``) is from a log that is gone:
+        drop it, or the subscription would wait for it for ever."""
+        parked = subscription.parked
+        if not parked:
+            return
+        epoch = subscription.epoch
+        kept = [entry for entry in parked[:parked_before]
+                if entry[0].seq is None or (entry[0].epoch == epoch and entry[0].seq <= head)]
+        if len(kept) < parked_before:
+            subscription.parked = kept + parked[parked_before:]
+            subscription.parked_bytes = sum(len(frame) for _, frame, _ in subscription.parked)
+
+    def behind(self, positions: dict[str, "Position"]) -> int:
+        """The log may hold messages this process never received (its bus
+        connection was lost): every subscription whose position is short of
+        its topic's head, or in another epoch, catches up; one still
+        replaying rechecks before it goes live. Returns how many caught up."""
+        count = 0
+        for topic, position in positions.items():
+            for subscription in list(self.topics.get(topic, {}).values()):
+                if subscription.parked is not None:
+                    subscription.recheck = True
+                elif position.seq > subscription.last_seq or position.epoch != subscription.epoch:
+                    self._fall_behind(subscription, [])
+                    count += 1
+        return count
+
+    def _fall_behind(self, subscription: Subscription,
+                     parked: list[tuple[Message, bytes, bytes]]) -> None:
+        subscription.parked = parked
+        subscription.parked_bytes = sum(len(frame) for _, frame, _ in parked)
+        subscription.peer.catch_up(subscription)
 
     # Fan-out
 
@@ -151,9 +229,18 @@ class Hub:
         payloads = [message.payload() for message in messages]
         frames = [text_frame(payload) for payload in payloads]
         joined = frames[0] if len(frames) == 1 else b"".join(frames)
-        seqs = [message.seq for message in messages if message.seq is not None]
-        first = seqs[0] if seqs else None
-        last = seqs[-1] if seqs else None
+        stored = [message for message in messages if message.seq is not None]
+        if stored:
+            # The whole batch goes in one write to a subscription that
+            # expects its first seq, when its seqs run on with no hole, in
+            # one epoch: the common case.
+            first, last, epoch = stored[0].seq, stored[-1].seq, stored[0].epoch
+            whole = last - first + 1 == len(stored) and all(
+                message.epoch == epoch and message.seq == first + offset
+                for offset, message in enumerate(stored))
+        else:
+            first = last = epoch = None
+            whole = True
         count = len(messages)
         sent = 0
         everyone = list(subscribers.values())
@@ -168,8 +255,8 @@ class Hub:
                     subscription.parked_bytes += len(joined)
                     if subscription.parked_bytes > self.max_parked_bytes:
                         subscription.peer.slow_consumer()
-                elif first is None or first > subscription.last_seq:
-                    # The common case: nothing here was seen yet, so all of it goes.
+                elif whole and (first is None or (first == subscription.last_seq + 1
+                                                  and epoch == subscription.epoch)):
                     if last is not None:
                         subscription.last_seq = last
                     if now:
@@ -178,19 +265,27 @@ class Hub:
                         subscription.outbox.queue(joined, payloads)
                     sent += count
                 else:
-                    for message, frame, payload in zip(messages, frames, payloads):
-                        sent += self._send_one(subscription, message, frame, payload)
+                    sent += self._send_each(subscription, messages, frames, payloads)
         return sent
 
-    @staticmethod
-    def _send_one(subscription: Subscription, message: Message, frame: bytes, payload: bytes) -> bool:
-        seq = message.seq
-        if seq is not None:
-            if seq <= subscription.last_seq:
-                return False  # already replayed: never twice
-            subscription.last_seq = seq
-        subscription.outbox.write(frame, (payload,))
-        return True
+    def _send_each(self, subscription: Subscription, messages: list[Message],
+                   frames: list[bytes], payloads: list[bytes]) -> int:
+        """One message at a time: skip repeats, and at the first message
+        that does not follow on, park it and the rest and catch up."""
+        sent = 0
+        for index, message in enumerate(messages):
+            seq = message.seq
+            if seq is not None:
+                if message.epoch != subscription.epoch or seq > subscription.last_seq + 1:
+                    self._fall_behind(subscription, list(zip(
+                        messages[index:], frames[index:], payloads[index:])))
+                    return sent
+                if seq <= subscription.last_seq:
+                    continue  # a repeat: never twice
+                subscription.last_seq = seq
+            subscription.outbox.write(frames[index], (payloads[index],))
+            sent += 1
+        return sent
 
     # Questions
 

@@ -26,10 +26,14 @@ class Draft:
 
 @dataclass(slots=True)
 class Message:
-    """A published message. ``seq`` is None for ephemeral messages (never stored)."""
+    """A published message. It carries its topic's position, ``seq`` in the
+    log named ``epoch``, from the store through the broker to every hub, so
+    any process can tell a gap or a repeat. Both are None for ephemeral
+    messages (never stored)."""
 
     topic: str
     seq: int | None
+    epoch: str | None
     id: str
     time: str
     event: str | None

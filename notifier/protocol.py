@@ -17,6 +17,7 @@ import orjson
 from notifier.topics import is_valid_topic
 
 MAX_EVENT_LENGTH = 100
+MAX_EPOCH_LENGTH = 100
 MAX_SEQ = 2**63 - 1  # SQLite's INTEGER range; no topic gets near it
 
 # Error codes (SPEC "Server -> client").
@@ -45,6 +46,7 @@ Ref = Union[str, int, None]
 class Subscribe:
     topic: str
     since: int | None
+    epoch: str | None = None  # from an earlier ``subscribed``: the log ``since`` counts in
     ref: Ref = None
 
 
@@ -194,7 +196,11 @@ def _parse_subscribe(body: dict, ref: Ref, _max: int) -> Command | ProtocolError
     since = body.get("since")
     if since is not None and not (_is_int(since) and 0 <= since <= MAX_SEQ):
         return ProtocolError(BAD_REQUEST, "'since' must be an integer >= 0", ref)
-    return Subscribe(topic, since, ref)
+    epoch = body.get("epoch")
+    if epoch is not None and not (isinstance(epoch, str) and 0 < len(epoch) <= MAX_EPOCH_LENGTH):
+        return ProtocolError(
+            BAD_REQUEST, f"'epoch' must be a string of 1 to {MAX_EPOCH_LENGTH} characters", ref)
+    return Subscribe(topic, since, epoch, ref)
 
 
 def _parse_unsubscribe(body: dict, ref: Ref, _max: int) -> Command | ProtocolError:

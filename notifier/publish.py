@@ -50,7 +50,8 @@ class Publisher:
     def publish_ephemeral(self, draft: Draft) -> Message:
         """Deliver live only: no seq, not stored."""
         started = time.perf_counter()
-        message = Message(draft.topic, None, new_id(), rfc3339(time.time()), draft.event, draft.data)
+        message = Message(draft.topic, None, None, new_id(), rfc3339(time.time()), draft.event,
+                          draft.data)
         self.broker.publish([message])
         if self.on_delivered is not None:
             self.on_delivered(time.perf_counter() - started)

@@ -31,7 +31,7 @@ from notifier.hub import Sink, Subscription
 from notifier.messages import Draft, Message
 from notifier.protocol import ProtocolError
 from notifier.ratelimit import TokenBucket
-from notifier.store.base import SeqAboveHead, StoreError
+from notifier.store.base import History, SeqAboveHead, StoreError
 
 if TYPE_CHECKING:
     from notifier.app import Services
@@ -41,6 +41,10 @@ REPLAY_PAGE = 500
 # any length streams through a bounded buffer instead of tripping the 4009
 # limit.
 REPLAY_DRAIN_BYTES = 64 * 1024
+# Seconds between tries of a store that failed under an announced
+# subscription (a replay page, a catch-up): doubling up to the most.
+STORE_RETRY_FIRST = 0.1
+STORE_RETRY_MOST = 2.0
 
 
 class SessionOutbox(Sink, Protocol):
@@ -93,6 +97,7 @@ class Session:
         self.refused_in_a_row = 0
         self.registered = False  # in the hub and counted; undone once, by ended()
         self._chain: asyncio.Future | None = None  # the last durable publish's reply
+        self._tasks: set[asyncio.Future] = set()  # catch-ups running in the background
 
     # Life cycle
 
@@ -106,7 +111,7 @@ class Session:
         services.log.info("connection.open", conn=self.id, user=self.user, ip=self.ip)
         self.send(protocol.welcome(self.id, self.user, self.config.heartbeat.interval,
                                    self.identity.expires))
-        await self._subscribe(self.identity.personal_topic, None, None, default_since=0)
+        await self._subscribe(self.identity.personal_topic, None, None, None, default_since=0)
 
     def ended(self, code: int | None, reason: str | None) -> None:
         """The transport is closed: leave the hub (once)."""
@@ -194,72 +199,134 @@ class Session:
             self._error(ProtocolError(protocol.FORBIDDEN,
                                       f"not allowed to subscribe to {command.topic}", command.ref))
             return
-        await self._subscribe(command.topic, command.since, command.ref)
+        await self._subscribe(command.topic, command.since, command.epoch, command.ref)
 
-    async def _subscribe(self, topic: str, since: int | None, ref: protocol.Ref,
-                         default_since: int | None = None) -> None:
+    async def _subscribe(self, topic: str, since: int | None, epoch: str | None,
+                         ref: protocol.Ref, default_since: int | None = None) -> None:
         """Subscribe, replay from ``since`` (else the stored cursor, else
-        ``default_since``; None means live only), then go live."""
+        ``default_since``; None means live only), then go live. ``epoch``
+        is the log the client's ``since`` counts in, if it said."""
         services = self.services
         hub = services.hub
+        store = services.store
         # Register first: anything committed from here on is parked, anything
         # committed before is in the reads below; seqs sort out the overlap.
         subscription = hub.subscribe(self, topic)
         try:
             if since is None:
-                since, page = await services.store.read_from_cursor(
-                    self.user, topic, default_since, REPLAY_PAGE)
+                resume = await store.read_from_cursor(self.user, topic, default_since, REPLAY_PAGE)
+                since, page = resume.since, resume.history
+                # A cursor acked in another epoch: the store read from 0.
+                recovered = resume.cursor is None or resume.cursor.epoch == page.epoch
             else:
-                page = await services.store.read_since(topic, since, REPLAY_PAGE)
-            live_only = since is None
+                page = await store.read_since(topic, since, REPLAY_PAGE)
+                recovered = True
+            if not hub.is_current(subscription):
+                return
+            restart = False
+            if epoch is not None and epoch != page.epoch:
+                restart = True  # the client's position counts in another log
+            elif since is not None and since > page.head:
+                restart = True  # the log was reset under the client
+            elif since is not None and since < page.head and since + 1 < page.oldest:
+                recovered = False  # retention removed messages the client asked for
+            if restart:
+                recovered = False
+                if since != 0:
+                    since = 0
+                    page = await store.read_since(topic, 0, REPLAY_PAGE)
+                    if not hub.is_current(subscription):
+                        return
         except StoreError as exc:
             hub.unsubscribe(self, topic)
             services.log.error("store.read_failed", topic=topic, error=str(exc))
             self._error(ProtocolError(protocol.UNAVAILABLE, "history is unavailable; retry", ref))
             return
-        if not hub.is_current(subscription):
-            return
-        if live_only:
+        subscription.epoch = page.epoch
+        if since is None:  # live only
             subscription.last_seq = page.head
-            self.send(protocol.subscribed(topic, page.head, page.epoch, True, ref))
-            hub.go_live(subscription)
+            self.send(protocol.subscribed(topic, page.head, page.epoch, recovered, ref))
+            await self._stream(subscription, [])
             return
-        # Nothing lost when every seq after ``since`` up to the head is retained.
-        recovered = since <= page.head and (since >= page.head or since + 1 >= page.oldest)
-        if since > page.head:
-            since = 0  # the log was reset under the client: start from the oldest retained
-            page = await services.store.read_since(topic, 0, REPLAY_PAGE)
-            if not hub.is_current(subscription):
-                return
+        subscription.last_seq = since  # the client has everything up to it
         self.send(protocol.subscribed(topic, page.head, page.epoch, recovered, ref))
-        await self._replay(subscription, page.messages)
-        if hub.is_current(subscription):
-            hub.go_live(subscription)
+        await self._stream(subscription, page.messages)
 
-    async def _replay(self, subscription: Subscription, messages: list[Message]) -> None:
+    def catch_up(self, subscription: Subscription) -> None:
+        """The hub saw ``subscription`` fall behind: fill it from the store
+        in the background; commands go on meanwhile."""
+        task = asyncio.ensure_future(self._catch_up(subscription))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _catch_up(self, subscription: Subscription) -> None:
+        page = await self._read_after(subscription)
+        if page is not None:
+            await self._stream(subscription, page.messages)
+
+    async def _stream(self, subscription: Subscription, messages: list[Message]) -> None:
+        """Send ``messages`` (a page read after ``last_seq``) and whatever
+        follows them in the store, until the subscription can go live."""
+        hub = self.services.hub
+        while True:
+            if not await self._send_page(subscription, messages):
+                return
+            if len(messages) < REPLAY_PAGE and hub.go_live(subscription):
+                return
+            page = await self._read_after(subscription)
+            if page is None:
+                return
+            messages = page.messages
+
+    async def _send_page(self, subscription: Subscription, messages: list[Message]) -> bool:
+        """Send what the subscription has not seen; False once it ended."""
         hub = self.services.hub
         outbox = self.outbox
         drain_at = min(REPLAY_DRAIN_BYTES, outbox.limit // 2)
+        for message in messages:
+            if message.seq <= subscription.last_seq:
+                continue
+            subscription.last_seq = message.seq
+            self.send(message.payload())
+            if outbox.pending >= drain_at:
+                await outbox.drain()
+                if outbox.closed or not hub.is_current(subscription):
+                    return False
+                # No frames (pongs included) are read while a command runs;
+                # a client draining its replay is alive all the same.
+                self.heard()
+        return not outbox.closed and hub.is_current(subscription)
+
+    async def _read_after(self, subscription: Subscription) -> History | None:
+        """The page after the subscription's ``last_seq``, or None once it
+        ended. The store failing is waited out: the subscription was
+        announced, so it stays and resumes when the store answers. A log
+        reset under it (another epoch) starts it over from the new log's
+        oldest message, announced with a ``subscribed`` frame (no ``ref``,
+        ``recovered: false``)."""
+        hub = self.services.hub
+        store = self.services.store
+        since = subscription.last_seq
+        delay = STORE_RETRY_FIRST
         while True:
-            for message in messages:
-                if message.seq <= subscription.last_seq:
-                    continue
-                subscription.last_seq = message.seq
-                self.send(message.payload())
-                if outbox.pending >= drain_at:
-                    await outbox.drain()
-                    if outbox.closed or not hub.is_current(subscription):
-                        return
-                    # No frames (pongs included) are read while a command runs;
-                    # a client draining its replay is alive all the same.
-                    self.heard()
-            if len(messages) < REPLAY_PAGE:
-                return
-            page = await self.services.store.read_since(
-                subscription.topic, subscription.last_seq, REPLAY_PAGE)
-            if outbox.closed or not hub.is_current(subscription):
-                return
-            messages = page.messages
+            parked_before = len(subscription.parked or ())
+            try:
+                page = await store.read_since(subscription.topic, since, REPLAY_PAGE)
+            except StoreError as exc:
+                self.services.log.error("store.read_failed", topic=subscription.topic,
+                                        conn=self.id, error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STORE_RETRY_MOST)
+                if self.outbox.closed or not hub.is_current(subscription):
+                    return None
+                continue
+            if self.outbox.closed or not hub.is_current(subscription):
+                return None
+            if page.epoch == subscription.epoch:
+                hub.forget_stale(subscription, parked_before, page.head)
+                return page
+            subscription.epoch, subscription.last_seq, since = page.epoch, 0, 0
+            self.send(protocol.subscribed(subscription.topic, page.head, page.epoch, False))
 
     def _on_unsubscribe(self, command: protocol.Unsubscribe) -> None:
         self.services.hub.unsubscribe(self, command.topic)

@@ -26,10 +26,13 @@ from support import api, token
 LIMIT = 1 << 20
 
 
+EPOCH = "e1"
+
+
 def message(topic: str, seq: int | None, name: str | None = None) -> Message:
     """A stored message, or with ``seq`` None an ephemeral one called ``name``."""
     tag = name if seq is None else seq
-    return Message(topic, seq, f"id-{tag}", "2024-05-01T12:00:00.000Z", None,
+    return Message(topic, seq, None if seq is None else EPOCH, f"id-{tag}", "2024-05-01T12:00:00.000Z", None,
                    orjson.dumps({"n": tag}))
 
 
@@ -91,7 +94,9 @@ class Setup:
                 connection = Connection(index, self.flusher, kind)
                 self.connections.append(connection)
                 self.hub.add(connection)
-                self.hub.go_live(self.hub.subscribe(connection, topic))
+                subscription = self.hub.subscribe(connection, topic)
+                subscription.epoch = EPOCH
+                self.hub.go_live(subscription)
         except BaseException:
             self.close()
             raise

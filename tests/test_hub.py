@@ -19,6 +19,7 @@ class Peer:
         self.slow = 0
         self.outbox = self  # the peer records what its outbox is given
         self.queued = 0
+        self.behind: list = []  # subscriptions it was asked to catch up
 
     def write(self, frames: bytes, payloads) -> None:
         # One entry per message, each with the bytes object it went out in.
@@ -31,6 +32,9 @@ class Peer:
     def slow_consumer(self) -> None:
         self.slow += 1
 
+    def catch_up(self, subscription) -> None:
+        self.behind.append(subscription)
+
     def seqs(self) -> list:
         return [orjson.loads(payload)["seq"] for _, payload in self.frames]
 
@@ -38,9 +42,13 @@ class Peer:
         return [orjson.loads(payload)["data"] for _, payload in self.frames]
 
 
-def message(topic: str, seq: int | None, data=None) -> Message:
+EPOCH = "e1"
+
+
+def message(topic: str, seq: int | None, data=None, epoch: str = EPOCH) -> Message:
     body = orjson.dumps(seq if data is None else data)
-    return Message(topic, seq, f"id-{topic}-{seq}", "2024-05-01T12:00:00.000Z", None, body)
+    return Message(topic, seq, None if seq is None else epoch, f"id-{topic}-{seq}",
+                   "2024-05-01T12:00:00.000Z", None, body)
 
 
 class ImmediateHub(Hub):
@@ -59,16 +67,23 @@ def hub_with(*peers: Peer, max_parked_bytes: int = 1 << 20, **kwargs) -> Hub:
 
 
 def live(hub: Hub, peer: Peer, topic: str, last_seq: int = 0):
-    subscription = hub.subscribe(peer, topic)
+    subscription = replaying(hub, peer, topic)
     subscription.last_seq = last_seq
-    hub.go_live(subscription)
+    assert hub.go_live(subscription)
+    return subscription
+
+
+def replaying(hub: Hub, peer: Peer, topic: str):
+    """A subscription as a session makes one: parked until go_live, in EPOCH."""
+    subscription = hub.subscribe(peer, topic)
+    subscription.epoch = EPOCH
     return subscription
 
 
 def test_subscribe_parks_while_replaying():
     alice = Peer("c1", "alice")
     hub = hub_with(alice)
-    subscription = hub.subscribe(alice, "news")
+    subscription = replaying(hub, alice, "news")
     assert subscription.replaying is True
     hub.deliver([message("news", 1), message("news", 2)])
     assert alice.frames == []
@@ -79,7 +94,7 @@ def test_subscribe_parks_while_replaying():
 def test_go_live_releases_parked_after_last_seq_in_order():
     alice = Peer("c1", "alice")
     hub = hub_with(alice)
-    subscription = hub.subscribe(alice, "news")
+    subscription = replaying(hub, alice, "news")
     hub.deliver([message("news", 3), message("news", 4), message("news", 5)])
     subscription.last_seq = 3  # the replay already sent 1..3
     hub.go_live(subscription)
@@ -92,7 +107,7 @@ def test_go_live_releases_parked_after_last_seq_in_order():
 def test_go_live_skips_seqs_already_seen():
     alice = Peer("c1", "alice")
     hub = hub_with(alice)
-    subscription = hub.subscribe(alice, "news")
+    subscription = replaying(hub, alice, "news")
     hub.deliver([message("news", 1), message("news", 2)])
     subscription.last_seq = 2
     hub.go_live(subscription)
@@ -115,7 +130,7 @@ def test_live_subscription_never_delivers_a_seq_twice_or_backwards():
 def test_ephemeral_is_always_delivered():
     alice = Peer("c1", "alice")
     hub = hub_with(alice)
-    subscription = hub.subscribe(alice, "chat")
+    subscription = replaying(hub, alice, "chat")
     hub.deliver([message("chat", None, "typing"), message("chat", 5), message("chat", None, "x")])
     subscription.last_seq = 5
     hub.go_live(subscription)
@@ -148,7 +163,7 @@ def test_parked_and_live_peers_share_the_frame():
     early, late = Peer("c1", "alice"), Peer("c2", "bob")
     hub = hub_with(early, late)
     live(hub, early, "news")
-    subscription = hub.subscribe(late, "news")
+    subscription = replaying(hub, late, "news")
     hub.deliver([message("news", 1)])
     hub.go_live(subscription)
     assert late.frames[0][0] is early.frames[0][0]
@@ -184,7 +199,7 @@ def test_subscribe_again_replaces_the_subscription():
     alice = Peer("c1", "alice")
     hub = hub_with(alice)
     first = live(hub, alice, "news")
-    second = hub.subscribe(alice, "news")
+    second = replaying(hub, alice, "news")
     assert hub.is_current(first) is False and hub.is_current(second) is True
     assert hub.subscription_count() == 1
     hub.deliver([message("news", 1)])
@@ -243,7 +258,7 @@ def test_go_live_resets_parked_bytes():
     frame_size = len(text_frame(message("news", 1).payload()))
     alice = Peer("c1", "alice")
     hub = hub_with(alice, max_parked_bytes=2 * frame_size)
-    subscription = hub.subscribe(alice, "news")
+    subscription = replaying(hub, alice, "news")
     hub.deliver([message("news", 1), message("news", 2)])
     hub.go_live(subscription)
     hub.deliver([message("news", seq) for seq in range(3, 20)])
@@ -279,3 +294,103 @@ def test_one_turn_of_messages_goes_to_each_peer_in_one_write():
         assert peer.seqs() == [1, 2, 3, 4, 5]
         assert {id(frames) for frames, _ in peer.frames} == {id(peers[0].frames[0][0])}
         assert peer.frames[0][0] == joined
+
+
+# Positions: each subscription expects last_seq + 1 in its epoch
+
+
+def test_a_seq_further_ahead_parks_it_and_asks_to_catch_up():
+    alice = Peer("c1", "alice")
+    hub = hub_with(alice)
+    subscription = live(hub, alice, "news", last_seq=3)
+    hub.deliver([message("news", 5)])  # 4 is still on its way, or was lost
+    assert alice.frames == [] and alice.behind == [subscription]
+    assert [m.seq for m, _, _ in subscription.parked] == [5]
+    hub.deliver([message("news", 6)])  # parked too while catching up: asked once
+    assert alice.behind == [subscription]
+    assert [m.seq for m, _, _ in subscription.parked] == [5, 6]
+    subscription.last_seq = 5  # the catch-up read 4 and 5 from the store
+    assert hub.go_live(subscription)
+    assert alice.seqs() == [6]
+
+
+def test_a_hole_inside_one_batch_sends_up_to_it():
+    alice, bob = Peer("c1", "alice"), Peer("c2", "bob")
+    hub = hub_with(alice, bob)
+    first = live(hub, alice, "news", last_seq=1)
+    live(hub, bob, "news", last_seq=4)
+    hub.deliver([message("news", 2), message("news", 3), message("news", 5), message("news", 6)])
+    assert alice.seqs() == [2, 3] and alice.behind == [first]
+    assert [m.seq for m, _, _ in first.parked] == [5, 6]
+    assert bob.seqs() == [5, 6] and bob.behind == []  # 2 and 3 were repeats for bob
+
+
+def test_a_batch_that_follows_on_goes_in_one_write():
+    alice = Peer("c1", "alice")
+    hub = hub_with(alice)
+    live(hub, alice, "news", last_seq=7)
+    hub.deliver([message("news", 8), message("news", None, "typing"), message("news", 9)])
+    assert alice.seqs() == [8, None, 9] and len({frames for frames, _ in alice.frames}) == 1
+    assert alice.behind == []
+
+
+def test_another_epoch_means_catch_up_even_when_the_seq_follows_on():
+    alice = Peer("c1", "alice")
+    hub = hub_with(alice)
+    subscription = live(hub, alice, "news", last_seq=2)
+    hub.deliver([message("news", 3, epoch="e2")])
+    assert alice.frames == [] and alice.behind == [subscription]
+
+
+def test_go_live_waits_while_what_was_parked_does_not_follow_on():
+    alice = Peer("c1", "alice")
+    hub = hub_with(alice)
+    subscription = replaying(hub, alice, "news")
+    hub.deliver([message("news", 4), message("news", 5)])
+    subscription.last_seq = 2  # the replay read up to 2; 3 is missing
+    assert hub.go_live(subscription) is False
+    assert alice.frames == [] and subscription.replaying
+    subscription.last_seq = 3
+    assert hub.go_live(subscription) is True
+    assert alice.seqs() == [4, 5]
+
+
+def test_go_live_waits_for_a_parked_message_of_another_epoch():
+    alice = Peer("c1", "alice")
+    hub = hub_with(alice)
+    subscription = replaying(hub, alice, "news")
+    hub.deliver([message("news", 1, epoch="gone")])
+    assert hub.go_live(subscription) is False
+
+
+def test_forget_stale_drops_what_the_log_does_not_know_from_before_the_read():
+    alice = Peer("c1", "alice")
+    hub = hub_with(alice)
+    subscription = replaying(hub, alice, "news")
+    hub.deliver([message("news", 1, epoch="gone"), message("news", 9), message("news", None, "x"),
+                 message("news", 2)])
+    before = len(subscription.parked)
+    hub.deliver([message("news", 3, epoch="newer")])  # parked during the read: kept
+    hub.forget_stale(subscription, before, head=2)
+    assert [(m.seq, m.epoch) for m, _, _ in subscription.parked] == [
+        (None, None), (2, EPOCH), (3, "newer")]
+    assert subscription.parked_bytes == sum(len(frame) for _, frame, _ in subscription.parked)
+
+
+def test_behind_catches_up_live_subscriptions_short_of_the_head_and_rechecks_replays():
+    from notifier.store.base import Position
+
+    alice, bob, carol, dave = (Peer(f"c{i}", name) for i, name in
+                               enumerate(["alice", "bob", "carol", "dave"]))
+    hub = hub_with(alice, bob, carol, dave)
+    short = live(hub, alice, "news", last_seq=3)
+    level = live(hub, bob, "news", last_seq=5)
+    elsewhere = live(hub, carol, "news", last_seq=5)
+    elsewhere.epoch = "old"
+    replay = replaying(hub, dave, "news")
+    assert hub.behind({"news": Position(5, EPOCH), "other": Position(9, EPOCH)}) == 2
+    assert alice.behind == [short] and carol.behind == [elsewhere] and bob.behind == []
+    assert short.replaying and not level.replaying
+    assert dave.behind == [] and replay.recheck is True
+    assert hub.go_live(replay) is False and replay.recheck is False  # one more read first
+    assert hub.go_live(replay) is True

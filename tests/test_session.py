@@ -202,7 +202,7 @@ async def test_ack_is_stored_before_a_later_ping_is_answered(services):
     await feed(session, {"type": "ack", "topic": "user:alice", "seq": 4}, {"type": "ping"})
     assert kinds(transport.take()) == ["pong"]
     cursor = await services.store.get_cursor("alice", "user:alice")
-    assert cursor == 4
+    assert cursor.seq == 4
     await feed(session, {"type": "ack", "topic": "user:alice", "seq": 99, "ref": "high"})
     (error,) = transport.take()
     assert (error["type"], error["code"], error["ref"]) == ("error", "bad_request", "high")
@@ -265,3 +265,87 @@ async def test_live_messages_reach_the_recording_outbox(services, since):
     await stored(services, "news.live", 3)
     await settle(services)
     assert [f["seq"] for f in transport.take()] == [1, 2, 3]
+
+
+# Positions: (seq, epoch), gaps filled from the store
+
+
+async def test_a_message_that_overtakes_the_one_before_it_is_filled_from_the_store(services):
+    session, transport = await open_session(services, token("alice", topics=["news.>"]))
+    await feed(session, {"type": "subscribe", "topic": "news.gap", "since": 0})
+    transport.take()
+    # Stored by "another process": in the log, but never handed to this hub.
+    await services.store.append([_draft("news.gap", "first")])
+    await services.publisher.publish([_draft("news.gap", "second")])
+    await settle(services)
+    frames = transport.take()
+    assert [(f["seq"], f["data"]) for f in frames] == [(1, "first"), (2, "second")]
+    await services.publisher.publish([_draft("news.gap", "third")])
+    await settle(services)
+    assert [f["seq"] for f in transport.take()] == [3]
+
+
+async def test_positions_short_of_the_head_catch_up(services):
+    session, transport = await open_session(services, token("alice", topics=["news.>"]))
+    await feed(session, {"type": "subscribe", "topic": "news.quiet"})
+    transport.take()
+    # The last messages before a quiet spell never arrived (a bus lost them).
+    await services.store.append([_draft("news.quiet", n) for n in range(3)])
+    positions = await services.store.positions(["news.quiet", "user:alice"])
+    assert services.hub.behind(positions) == 1
+    await settle(services)
+    assert [f["seq"] for f in transport.take()] == [1, 2, 3]
+    assert services.hub.behind(await services.store.positions(["news.quiet"])) == 0
+
+
+async def test_a_message_from_a_log_that_is_gone_is_dropped_after_one_read(services):
+    from notifier.messages import Message
+
+    session, transport = await open_session(services, token("alice", topics=["news.>"]))
+    await feed(session, {"type": "subscribe", "topic": "news.old", "since": 0})
+    transport.take()
+    services.hub.deliver([Message("news.old", 1, "a-lost-epoch", "id-x", "2024-05-01T12:00:00.000Z",
+                                  None, b"0")])
+    await settle(services)
+    assert transport.take() == []
+    await services.publisher.publish([_draft("news.old", "real")])
+    await settle(services)
+    assert [(f["seq"], f["data"]) for f in transport.take()] == [(1, "real")]
+    assert services.hub.peers[session]["news.old"].replaying is False  # live again
+
+
+async def test_subscribe_with_another_epoch_replays_all_with_recovered_false(services):
+    await stored(services, "news.e", 4)
+    session, transport = await open_session(services, token("alice", topics=["news.>"]))
+    transport.take()
+    await feed(session, {"type": "subscribe", "topic": "news.e", "since": 3, "epoch": "not-this-one",
+                         "ref": 1})
+    frames = transport.take()
+    assert (frames[0]["type"], frames[0]["recovered"], frames[0]["ref"]) == ("subscribed", False, 1)
+    epoch = frames[0]["epoch"]
+    assert [f["seq"] for f in frames[1:]] == [1, 2, 3, 4]
+    # With the epoch it was given, the same since resumes exactly.
+    await feed(session, {"type": "subscribe", "topic": "news.e", "since": 3, "epoch": epoch})
+    frames = transport.take()
+    assert frames[0]["recovered"] is True and [f["seq"] for f in frames[1:]] == [4]
+    # An epoch with no since and no cursor: the client had a position in
+    # another log, so everything in this one is new to it.
+    await feed(session, {"type": "subscribe", "topic": "news.e", "epoch": "old"})
+    frames = transport.take()
+    assert frames[0]["recovered"] is False and [f["seq"] for f in frames[1:]] == [1, 2, 3, 4]
+
+
+async def test_a_cursor_acked_in_another_epoch_resumes_from_the_oldest(services, config):
+    import sqlite3
+
+    await stored(services, "user:alice", 3)
+    await services.store.set_cursor("alice", "user:alice", 2)
+    # As if the topic's log had been reset since the ack: the cursor's epoch is not the log's.
+    db = sqlite3.connect(config.store.path)
+    db.execute("UPDATE cursors SET epoch = 'before-the-reset'")
+    db.commit()
+    db.close()
+    session, transport = await open_session(services, token("alice"))
+    frames = transport.take()
+    assert frames[1]["type"] == "subscribed" and frames[1]["recovered"] is False
+    assert [f["seq"] for f in frames[2:]] == [1, 2, 3]

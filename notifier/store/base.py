@@ -1,9 +1,12 @@
 """The Store: where published messages and users' cursors live.
 
 Every implementation keeps, per topic, an append-only log numbered by ``seq``
-(1, 2, 3, ... with no gaps as assigned), an ``epoch`` that changes only when
-the whole log is reset, per-(user, topic) cursors, idempotency keys and
-retention. The same contract tests run against every implementation.
+(1, 2, 3, ... with no gaps as assigned) and an ``epoch``: an opaque string
+naming that log, which changes only when the topic's log is lost or reset
+(its seqs then start again and mean something else). ``(seq, epoch)`` is a
+position any process can compare. Besides the logs: per-(user, topic)
+cursors, idempotency keys and retention. The same contract tests run
+against every implementation.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ class Receipt:
 
 
 @dataclass(frozen=True, slots=True)
+class Position:
+    """A place in a topic's log: ``seq`` in the log named ``epoch``."""
+
+    seq: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
 class AppendResult:
     receipts: list[Receipt]   # one per draft, in the drafts' order
     stored: list[Message]     # the drafts actually stored now (not repeats), in seq order
@@ -50,8 +61,17 @@ class History:
 
     messages: list[Message]
     head: int      # the topic's last assigned seq (0 for a topic never published to)
-    epoch: str
+    epoch: str     # the topic's epoch; every message above carries it too
     oldest: int    # the lowest retained seq, or head + 1 when nothing is retained
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a user resumes a topic (``Store.read_from_cursor``)."""
+
+    since: int | None         # the seq read from; None: live only, nothing read
+    cursor: Position | None   # the stored cursor; stale when its epoch is not history.epoch
+    history: History
 
 
 class Store(ABC):
@@ -69,8 +89,9 @@ class Store(ABC):
                      on_durable: Callable[[AppendResult], None] | None = None) -> AppendResult:
         """Store ``drafts`` as one atomic unit: all of them or none (StoreError).
 
-        Each stored draft gets its topic's next seq, in the drafts' order. The
-        returned awaitable resolves only once the data is durable (fsynced).
+        Each stored draft gets its topic's next seq, in the drafts' order, and
+        its Message carries the topic's epoch. The returned awaitable
+        resolves only once the data is durable (fsynced).
         A draft whose ``idempotency_key`` was already used for its topic within
         IDEMPOTENCY_WINDOW, or earlier in the same call, is not stored: its
         receipt is the first one. Concurrent appends resolve in commit order,
@@ -87,28 +108,41 @@ class Store(ABC):
         most ``limit``; head, epoch and oldest are read in the same snapshot."""
 
     @abstractmethod
-    async def get_cursor(self, user: str, topic: str) -> int | None:
-        """The last seq ``user`` acked on ``topic``, or None."""
+    async def get_cursor(self, user: str, topic: str) -> Position | None:
+        """The last seq ``user`` acked on ``topic``, with the epoch it was
+        acked under; None if never."""
 
     async def read_from_cursor(self, user: str, topic: str, default: int | None,
-                               limit: int) -> tuple[int | None, History]:
-        """Where ``user`` resumes ``topic`` and what follows: the stored cursor,
-        else ``default``; then ``read_since`` from there (``limit`` messages),
-        or, when both are None, no messages (head, epoch and oldest only).
-        Returns (the seq resumed from or None, the History). Stores that can
-        should do both reads in one snapshot and one round trip: every
-        connection starts with this for its personal topic."""
-        since = await self.get_cursor(user, topic)
-        if since is None:
-            since = default
-        return since, await self.read_since(topic, 0 if since is None else since,
-                                            0 if since is None else limit)
+                               limit: int) -> Resume:
+        """Where ``user`` resumes ``topic`` and what follows: from the stored
+        cursor; from 0 when the cursor is stale (acked under another epoch:
+        everything in this log is new to the user); with no cursor from
+        ``default``; then ``read_since`` from there (``limit`` messages), or,
+        when that is None too, no messages (head, epoch and oldest only).
+        Stores that can should do it all in one snapshot and one round
+        trip: every connection starts with this for its personal topic."""
+        cursor = await self.get_cursor(user, topic)
+        since = cursor.seq if cursor is not None else default
+        history = await self.read_since(topic, since or 0, 0 if since is None else limit)
+        if cursor is not None and cursor.epoch != history.epoch:
+            since = 0  # stale: everything in this log is new to the user
+            history = await self.read_since(topic, 0, limit)
+        return Resume(since, cursor, history)
 
     @abstractmethod
     async def set_cursor(self, user: str, topic: str, seq: int) -> None:
-        """Move the cursor forward to ``seq`` (an older seq is ignored); durable
-        when it resolves. SeqAboveHead if ``seq`` exceeds the topic's head."""
+        """Store ``seq`` as ``user``'s cursor on ``topic``, with the topic's
+        current epoch; durable when it resolves. Within an epoch cursors
+        only move forward (an older seq is ignored); a cursor from another
+        epoch is replaced. SeqAboveHead if ``seq`` exceeds the topic's head."""
+
+    @abstractmethod
+    async def positions(self, topics: Sequence[str]) -> dict[str, Position]:
+        """Each topic's head and epoch, as ``read_since`` would report them:
+        how a process that may have missed messages (a lost connection to
+        the bus) finds which subscriptions to fill from the log."""
 
     @abstractmethod
     async def ping(self) -> None:
         """Return when the store answers; raise StoreError otherwise."""
+

@@ -26,7 +26,8 @@ from notifier import logs
 from notifier.messages import Draft, Message, new_id, rfc3339
 from notifier.protocol import MAX_SEQ
 from notifier.store.base import (
-    IDEMPOTENCY_WINDOW, AppendResult, History, Receipt, SeqAboveHead, Store, StoreError,
+    IDEMPOTENCY_WINDOW, AppendResult, History, Position, Receipt, Resume, SeqAboveHead, Store,
+    StoreError,
 )
 
 _log = logs.get("notifier.store")
@@ -36,7 +37,7 @@ PRUNE_INTERVAL = 30.0    # seconds between age-based retention passes
 PRUNE_CHUNK = 2000       # idempotency rows deleted per transaction, so publishes interleave
 PRUNE_TOPICS = 200       # topics visited per retention transaction, likewise
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Migrations, in order: MIGRATIONS[n] brings schema version n to n + 1.
 MIGRATIONS = [
@@ -63,6 +64,12 @@ MIGRATIONS = [
     # Age retention walks each topic in seq order instead (see SELECT_FIRST_FRESH).
     """
     DROP INDEX messages_created;
+    """,
+    # A cursor remembers the epoch it was acked under. Every topic of one
+    # database shares the database's epoch, so existing cursors get it.
+    """
+    ALTER TABLE cursors ADD COLUMN epoch TEXT NOT NULL DEFAULT '';
+    UPDATE cursors SET epoch = (SELECT value FROM meta WHERE key = 'epoch');
     """,
 ]
 
@@ -98,11 +105,16 @@ SELECT_SINCE = (
     "WHERE topic = ? AND seq > ? ORDER BY seq LIMIT ?"
 )
 SELECT_OLDEST = "SELECT min(seq) FROM messages WHERE topic = ?"
-SELECT_CURSOR = "SELECT seq FROM cursors WHERE user = ? AND topic = ?"
+SELECT_CURSOR = "SELECT seq, epoch FROM cursors WHERE user = ? AND topic = ?"
+# Forward only within an epoch; a cursor from another epoch is replaced.
 UPSERT_CURSOR = (
-    "INSERT INTO cursors (user, topic, seq) VALUES (?, ?, ?) "
-    "ON CONFLICT (user, topic) DO UPDATE SET seq = max(seq, excluded.seq)"
+    "INSERT INTO cursors (user, topic, seq, epoch) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (user, topic) DO UPDATE SET "
+    "seq = CASE WHEN epoch = excluded.epoch THEN max(seq, excluded.seq) ELSE excluded.seq END, "
+    "epoch = excluded.epoch"
 )
+SELECT_HEADS = "SELECT topic, head FROM topics WHERE topic IN ({})"
+HEADS_PER_QUERY = 500  # well under SQLite's limit on bound parameters
 
 
 @dataclass
@@ -138,6 +150,9 @@ def _connect(path: str) -> sqlite3.Connection:
 
 
 class SQLiteStore(Store):
+    """Every topic's epoch is the database's: its logs can only be lost
+    together, by replacing the file, and a new file gets a new epoch."""
+
     def __init__(self, path: str | os.PathLike, max_messages: int = 10000,
                  max_age: float = 7 * 86400.0):
         self.path = str(path)
@@ -350,14 +365,14 @@ class SQLiteStore(Store):
     async def append(self, drafts: Sequence[Draft],
                      on_durable: Callable[[AppendResult], None] | None = None) -> AppendResult:
         drafts = list(drafts)
-        return await self._submit(lambda txn: _append(txn, drafts), on_durable)
+        return await self._submit(lambda txn: _append(txn, drafts, self.epoch), on_durable)
 
     async def set_cursor(self, user: str, topic: str, seq: int) -> None:
         def run(txn: _Transaction) -> None:
             head = txn.head(topic)
             if seq > head:
                 raise SeqAboveHead(f"seq {seq} is above the head of {topic} ({head})")
-            txn.db.execute(UPSERT_CURSOR, (user, topic, seq))
+            txn.db.execute(UPSERT_CURSOR, (user, topic, seq, self.epoch))
         await self._submit(run)
 
     async def prune_now(self) -> int:
@@ -395,13 +410,17 @@ class SQLiteStore(Store):
         return await self._read(lambda db: self._history(db, topic, since, limit))
 
     async def read_from_cursor(self, user: str, topic: str, default: int | None,
-                               limit: int) -> tuple[int | None, History]:
-        def run(db: sqlite3.Connection) -> tuple[int | None, History]:
+                               limit: int) -> Resume:
+        def run(db: sqlite3.Connection) -> Resume:
             row = db.execute(SELECT_CURSOR, (user, topic)).fetchone()
-            since = row[0] if row else default
+            cursor = Position(*row) if row else None
+            if cursor is None:
+                since = default
+            else:
+                since = cursor.seq if cursor.epoch == self.epoch else 0
             if since is None:
-                return None, self._history(db, topic, 0, 0)
-            return since, self._history(db, topic, since, limit)
+                return Resume(None, None, self._history(db, topic, 0, 0))
+            return Resume(since, cursor, self._history(db, topic, since, limit))
         return await self._read(run)
 
     def _history(self, db: sqlite3.Connection, topic: str, since: int, limit: int) -> History:
@@ -409,14 +428,26 @@ class SQLiteStore(Store):
         head = row[0] if row else 0
         oldest = db.execute(SELECT_OLDEST, (topic,)).fetchone()[0]
         rows = db.execute(SELECT_SINCE, (topic, since, limit)).fetchall() if limit else []
-        messages = [Message(topic, seq, mid, mtime, event, data)
+        epoch = self.epoch
+        messages = [Message(topic, seq, epoch, mid, mtime, event, data)
                     for seq, mid, mtime, event, data in rows]
-        return History(messages, head, self.epoch, head + 1 if oldest is None else oldest)
+        return History(messages, head, epoch, head + 1 if oldest is None else oldest)
 
-    async def get_cursor(self, user: str, topic: str) -> int | None:
-        def run(db: sqlite3.Connection) -> int | None:
+    async def get_cursor(self, user: str, topic: str) -> Position | None:
+        def run(db: sqlite3.Connection) -> Position | None:
             row = db.execute(SELECT_CURSOR, (user, topic)).fetchone()
-            return row[0] if row else None
+            return Position(*row) if row else None
+        return await self._read(run)
+
+    async def positions(self, topics: Sequence[str]) -> dict[str, Position]:
+        def run(db: sqlite3.Connection) -> dict[str, Position]:
+            heads = dict.fromkeys(topics, 0)
+            names = list(heads)
+            for start in range(0, len(names), HEADS_PER_QUERY):
+                chunk = names[start:start + HEADS_PER_QUERY]
+                query = SELECT_HEADS.format(",".join("?" * len(chunk)))
+                heads.update(db.execute(query, chunk).fetchall())
+            return {topic: Position(head, self.epoch) for topic, head in heads.items()}
         return await self._read(run)
 
     async def ping(self) -> None:
@@ -425,7 +456,7 @@ class SQLiteStore(Store):
         await self._read(lambda db: db.execute("SELECT 1").fetchone())
 
 
-def _append(txn: _Transaction, drafts: list[Draft]) -> AppendResult:
+def _append(txn: _Transaction, drafts: list[Draft], epoch: str) -> AppendResult:
     now = time.time()
     when = rfc3339(now)
     receipts: list[Receipt] = []
@@ -445,7 +476,7 @@ def _append(txn: _Transaction, drafts: list[Draft]) -> AppendResult:
                 continue
         seq = txn.head(draft.topic) + 1
         txn.changed[draft.topic] = seq
-        message = Message(draft.topic, seq, new_id(), when, draft.event, draft.data)
+        message = Message(draft.topic, seq, epoch, new_id(), when, draft.event, draft.data)
         message_rows.append((draft.topic, seq, message.id, when, now, draft.event, draft.data))
         receipt = Receipt(draft.topic, seq, message.id, when)
         if key is not None:

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from notifier.messages import Draft
-from notifier.store.base import Receipt, SeqAboveHead, Store, StoreError
+from notifier.store.base import Position, Receipt, SeqAboveHead, Store, StoreError
 from notifier.store.sqlite import SQLiteStore
 
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -294,22 +294,56 @@ async def test_on_durable_runs_even_when_the_caller_gave_up(open_store):
 async def test_read_from_cursor_resumes_after_the_cursor_else_the_default(open_store):
     store = await open_store()
     await store.append([draft("t", i) for i in range(5)])
+    epoch = (await store.read_since("t", 0, 0)).epoch
     # Both the store's own one-snapshot version and the base class's two-read
     # one (what a store without its own gets) must agree.
     for read in (store.read_from_cursor, lambda *a: Store.read_from_cursor(store, *a)):
-        since, page = await read("alice", "t", None, 100)
-        assert since is None and page.messages == [] and page.head == 5
-        since, page = await read("alice", "t", 0, 100)
-        assert since == 0 and [m.seq for m in page.messages] == [1, 2, 3, 4, 5]
-        since, page = await read("alice", "t", 0, 2)
-        assert [m.seq for m in page.messages] == [1, 2]
+        resume = await read("alice", "t", None, 100)
+        assert resume.since is None and resume.cursor is None
+        assert resume.history.messages == [] and resume.history.head == 5
+        resume = await read("alice", "t", 0, 100)
+        assert resume.since == 0 and [m.seq for m in resume.history.messages] == [1, 2, 3, 4, 5]
+        resume = await read("alice", "t", 0, 2)
+        assert [m.seq for m in resume.history.messages] == [1, 2]
     await store.set_cursor("alice", "t", 3)
     for read in (store.read_from_cursor, lambda *a: Store.read_from_cursor(store, *a)):
-        since, page = await read("alice", "t", None, 100)
-        assert since == 3 and [m.seq for m in page.messages] == [4, 5]
-        assert (page.head, page.oldest, page.epoch) == (5, 1, store.epoch)
-        since, page = await read("bob", "t", None, 100)  # cursors are per user
-        assert since is None and page.messages == []
+        resume = await read("alice", "t", None, 100)
+        assert resume.since == 3 and resume.cursor == Position(3, epoch)
+        page = resume.history
+        assert [m.seq for m in page.messages] == [4, 5]
+        assert (page.head, page.oldest, page.epoch) == (5, 1, epoch)
+        resume = await read("bob", "t", None, 100)  # cursors are per user
+        assert resume.since is None and resume.history.messages == []
+
+
+async def test_messages_carry_their_topics_epoch(open_store):
+    store = await open_store()
+    result = await store.append([draft("t", 1), draft("u", 1), draft("t", 2)])
+    epochs = {topic: (await store.read_since(topic, 0, 10)).epoch for topic in ("t", "u")}
+    assert [m.epoch for m in result.stored] == [epochs["t"], epochs["u"], epochs["t"]]
+    for topic in ("t", "u"):
+        history = await store.read_since(topic, 0, 10)
+        assert {m.epoch for m in history.messages} == {history.epoch}
+
+
+async def test_a_cursor_remembers_its_epoch(open_store):
+    store = await open_store()
+    await store.append([draft("t", i) for i in range(3)])
+    await store.set_cursor("alice", "t", 2)
+    assert await store.get_cursor("alice", "t") == Position(2, (await store.read_since("t", 0, 0)).epoch)
+
+
+async def test_positions_give_each_topics_head_and_epoch(open_store):
+    store = await open_store()
+    await store.append([draft("a", 1), draft("a", 2), draft("b", 1)])
+    many = [f"never.{i}" for i in range(1200)]  # more than one query's worth
+    positions = await store.positions(["a", "b", *many])
+    assert set(positions) == {"a", "b", *many}
+    for topic, position in positions.items():
+        history = await store.read_since(topic, 0, 0)
+        assert position == Position(history.head, history.epoch)
+    assert positions["a"].seq == 2 and positions["b"].seq == 1 and positions["never.7"].seq == 0
+    assert await store.positions([]) == {}
 
 
 async def test_cursor_unset_is_none(open_store):
@@ -321,11 +355,11 @@ async def test_cursor_moves_forward_only(open_store):
     store = await open_store()
     await store.append([draft("t", i) for i in range(5)])
     await store.set_cursor("alice", "t", 3)
-    assert await store.get_cursor("alice", "t") == 3
+    assert (await store.get_cursor("alice", "t")).seq == 3
     await store.set_cursor("alice", "t", 2)
-    assert await store.get_cursor("alice", "t") == 3
+    assert (await store.get_cursor("alice", "t")).seq == 3
     await store.set_cursor("alice", "t", 5)
-    assert await store.get_cursor("alice", "t") == 5
+    assert (await store.get_cursor("alice", "t")).seq == 5
     assert await store.get_cursor("bob", "t") is None
     assert await store.get_cursor("alice", "u") is None
 
@@ -339,16 +373,16 @@ async def test_cursor_above_head_is_refused(open_store):
     with pytest.raises(SeqAboveHead) as caught:
         await store.set_cursor("alice", "t", 3)
     assert isinstance(caught.value, StoreError)
-    assert await store.get_cursor("alice", "t") == 1
+    assert (await store.get_cursor("alice", "t")).seq == 1
     await store.set_cursor("alice", "t", 2)
-    assert await store.get_cursor("alice", "t") == 2
+    assert (await store.get_cursor("alice", "t")).seq == 2
 
 
 async def test_cursor_at_a_pruned_seq_is_still_accepted(open_store):
     store = await open_store(max_messages=2)
     await store.append([draft("t", i) for i in range(5)])
     await store.set_cursor("alice", "t", 1)
-    assert await store.get_cursor("alice", "t") == 1
+    assert (await store.get_cursor("alice", "t")).seq == 1
 
 
 # Concurrency
@@ -378,7 +412,7 @@ async def test_concurrent_appends_and_cursors(open_store):
     await asyncio.gather(*(store.append([draft("t", i)]) for i in range(50)),
                          *(store.set_cursor(f"user{i}", "t", 1) for i in range(50)))
     assert (await store.read_since("t", 0, 100)).head == 51
-    assert [await store.get_cursor(f"user{i}", "t") for i in range(50)] == [1] * 50
+    assert [(await store.get_cursor(f"user{i}", "t")).seq for i in range(50)] == [1] * 50
 
 
 # Opening and reopening
@@ -395,8 +429,8 @@ async def test_reopening_keeps_heads_cursors_and_messages(open_store):
     assert history.head == 2
     assert [(m.seq, m.id, m.data) for m in history.messages] == \
         [(1, first.receipts[0].id, b'"x"'), (2, first.receipts[1].id, b'"y"')]
-    assert await store.get_cursor("alice", "t") == 2
-    assert await store.get_cursor("bob", "u") == 1
+    assert (await store.get_cursor("alice", "t")).seq == 2
+    assert (await store.get_cursor("bob", "u")).seq == 1
     assert (await store.append([draft("t", "w")])).receipts[0].seq == 3
     assert (await store.append([draft("u", "w")])).receipts[0].seq == 2
 
