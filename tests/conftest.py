@@ -10,6 +10,7 @@ from notifier.app import build_services, make_app
 from notifier.broker.local import LocalBroker
 from notifier.config import Config
 from notifier.store.sqlite import SQLiteStore
+from redis_server import RedisServer
 from support import API_KEY, SECRET, connect
 
 
@@ -59,3 +60,10 @@ def ws(port):
     yield open_client
     for client in opened:
         client.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A redis-server of this test's own (AOF, appendfsync always) on a free port."""
+    with RedisServer(tmp_path) as server:
+        yield server

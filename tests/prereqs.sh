@@ -6,6 +6,7 @@ need=()
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 [[ -x /usr/bin/chromium ]] || need+=(chromium)  # tests/test_browser.py, driven by Playwright
+command -v redis-server >/dev/null || need+=(redis-server)  # tests/redis_server.py: one per test, own port
 ((${#need[@]})) || exit 0
 if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   echo "prereqs: installing ${need[*]}" >&2
