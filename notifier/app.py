@@ -14,6 +14,7 @@ from notifier.config import Config
 from notifier.handlers import api, health, ws
 from notifier.hub import Hub
 from notifier.metrics import Metrics
+from notifier.node import Node
 from notifier.outbox import Flusher
 from notifier.publish import Publisher
 from notifier.ratelimit import TokenBucket
@@ -28,6 +29,7 @@ class Services:
     store: Store
     broker: Broker
     hub: Hub
+    node: Node
     publisher: Publisher
     verifier: TokenVerifier
     api_keys: ApiKeys
@@ -41,13 +43,15 @@ class Services:
 def build_services(config: Config, store: Store, broker: Broker) -> Services:
     metrics = Metrics()
     flusher = Flusher()
-    hub = Hub(config.limits.max_buffered_bytes, flusher.schedule, metrics.delivered.inc)
+    hub = Hub(config.limits.max_buffered_bytes, flusher.schedule, metrics.delivered.inc,
+              broker.watch, broker.unwatch)
     flusher.before.append(hub.flush)
-    broker.listen(hub.deliver)
+    node = Node(hub, store)
+    broker.listen(node)
     if hasattr(store, "commit_observer"):
         store.commit_observer = metrics.observe_commit
     return Services(
-        config=config, store=store, broker=broker, hub=hub,
+        config=config, store=store, broker=broker, hub=hub, node=node,
         publisher=Publisher(store, broker, metrics.delivery_latency.observe),
         verifier=TokenVerifier(config.auth),
         api_keys=ApiKeys(config.auth.api_keys),

@@ -15,8 +15,9 @@ stored a message and in whatever order the bus hands it over.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Callable, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Protocol, Sequence
 
+from notifier.broker.base import READY
 from notifier.frames import text_frame
 from notifier.messages import Message
 
@@ -86,10 +87,16 @@ class Hub:
     the rest are queued for the Flusher's next slices."""
 
     def __init__(self, max_parked_bytes: int, schedule: Callable[[], None],
-                 on_delivered: Callable[[int], None] | None = None):
+                 on_delivered: Callable[[int], None] | None = None,
+                 watch: Callable[[str], Awaitable[None]] = lambda topic: READY,
+                 unwatch: Callable[[str], None] = lambda topic: None):
         self.max_parked_bytes = max_parked_bytes
         self.schedule = schedule  # asks for a flush at the end of this loop turn
         self.on_delivered = on_delivered
+        # The broker's interest: told of a topic's first subscriber and its last.
+        self.watch = watch
+        self.unwatch = unwatch
+        self._watching: dict[str, Awaitable[None]] = {}  # only those not READY at once
         self.topics: dict[str, dict[Peer, Subscription]] = {}
         self.peers: dict[Peer, dict[str, Subscription]] = {}
         self._pending: dict[str, list[Message]] = {}
@@ -107,11 +114,22 @@ class Hub:
 
     def subscribe(self, peer: Peer, topic: str) -> Subscription:
         """A new subscription, replacing any the peer had on ``topic``. It parks
-        live messages until ``go_live`` is called."""
+        live messages until ``go_live`` is called. Read the store for it only
+        once ``watching(topic)`` is done."""
         subscription = Subscription(peer, topic)
-        self.topics.setdefault(topic, {})[peer] = subscription
+        subscribers = self.topics.get(topic)
+        if subscribers is None:
+            subscribers = self.topics[topic] = {}
+            ready = self.watch(topic)
+            if ready is not READY:
+                self._watching[topic] = ready
+        subscribers[peer] = subscription
         self.peers[peer][topic] = subscription
         return subscription
+
+    def watching(self, topic: str) -> Awaitable[None]:
+        """Done once the broker hands over every message of ``topic``."""
+        return self._watching.get(topic, READY)
 
     def unsubscribe(self, peer: Peer, topic: str) -> bool:
         if self.peers.get(peer, {}).pop(topic, None) is None:
@@ -125,6 +143,8 @@ class Hub:
             subscribers.pop(peer, None)
             if not subscribers:
                 del self.topics[topic]
+                self._watching.pop(topic, None)
+                self.unwatch(topic)
 
     def is_current(self, subscription: Subscription) -> bool:
         """False once the subscription was replaced, ended, or its peer left."""

@@ -18,7 +18,8 @@ class Publisher:
         self.store = store
         self.broker = broker
         # Seconds from a publish arriving to its hand-off to the broker (the
-        # local hub writes it to sockets at the end of that same loop turn).
+        # local hub writes it to sockets at the end of that same loop turn),
+        # or, for a store that publishes as it stores, to the commit.
         self.on_delivered = on_delivered
         self.in_flight = 0
         self._idle = asyncio.Event()
@@ -34,7 +35,8 @@ class Publisher:
 
         def hand_off(result: AppendResult) -> None:
             if result.stored:
-                self.broker.publish(result.stored)
+                if not self.store.publishes:
+                    self.broker.publish(result.stored)
                 if self.on_delivered is not None:
                     self.on_delivered(time.perf_counter() - started)
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Protocol
 
 from notifier import protocol
 from notifier.auth import AuthError, Identity
+from notifier.broker.base import READY
 from notifier.hub import Sink, Subscription
 from notifier.messages import Draft, Message
 from notifier.protocol import ProtocolError
@@ -45,6 +46,8 @@ REPLAY_DRAIN_BYTES = 64 * 1024
 # subscription (a replay page, a catch-up): doubling up to the most.
 STORE_RETRY_FIRST = 0.1
 STORE_RETRY_MOST = 2.0
+# How long a subscribe waits for the broker to confirm the topic's traffic.
+WATCH_TIMEOUT = 5.0
 
 
 class SessionOutbox(Sink, Protocol):
@@ -213,6 +216,9 @@ class Session:
         # committed before is in the reads below; seqs sort out the overlap.
         subscription = hub.subscribe(self, topic)
         try:
+            await self._watching(topic)
+            if not hub.is_current(subscription):
+                return
             if since is None:
                 resume = await store.read_from_cursor(self.user, topic, default_since, REPLAY_PAGE)
                 since, page = resume.since, resume.history
@@ -251,6 +257,17 @@ class Session:
         subscription.last_seq = since  # the client has everything up to it
         self.send(protocol.subscribed(topic, page.head, page.epoch, recovered, ref))
         await self._stream(subscription, page.messages)
+
+    async def _watching(self, topic: str) -> None:
+        """Wait until the broker hands over the topic's messages; a broker
+        that cannot say so in time is a store failure to the client."""
+        ready = self.services.hub.watching(topic)
+        if ready is READY:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(ready), WATCH_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise StoreError("the broker did not confirm the subscription in time") from None
 
     def catch_up(self, subscription: Subscription) -> None:
         """The hub saw ``subscription`` fall behind: fill it from the store

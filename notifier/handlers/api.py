@@ -242,11 +242,10 @@ class DisconnectHandler(ApiHandler):
     def post(self, user: str) -> None:
         if not is_valid_user(user):
             raise ApiError(400, "bad_request", f"invalid user id {user[:210]!r}")
-        peers = self.services.hub.peers_of(user)
-        for peer in peers:
-            peer.close_with(protocol.CLOSE_UNAUTHORIZED, "disconnected by the server")
-        self.services.log.info("user.disconnect", user=user, connections=len(peers))
-        self.write_json({"user": user, "disconnected": len(peers)})
+        connections = len(self.services.hub.peers_of(user))
+        # Every node closes its own connections of the user, this one included.
+        self.services.broker.control({"op": "disconnect", "user": user})
+        self.write_json({"user": user, "disconnected": connections})
 
 
 class StatsHandler(ApiHandler):

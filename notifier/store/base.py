@@ -75,6 +75,11 @@ class Resume:
 
 
 class Store(ABC):
+    #: True when ``append`` itself puts each stored message on the broker's
+    #: bus, in the same atomic step (the Redis store's script): the Publisher
+    #: then leaves stored messages to the bus instead of publishing them.
+    publishes: bool = False
+
     @abstractmethod
     async def open(self) -> None:
         """Open or create the store; raise StoreError (one line) if it is unusable.
