@@ -11,7 +11,8 @@ A log entry is ``<seq> <created_ms> <id> <time> <event JSON>\\n<data JSON>``:
 seq and the creation time are put in front by the append script, the rest
 is built here. Neither JSON part can hold a raw newline (JSON escapes it
 inside strings), so the first newline ends the event. A bus message is
-``<epoch> <entry>`` on the topic's channel.
+``<epoch> <entry>`` on the topic's channel; an ephemeral one, never stored,
+is ``- <id> <time> <event JSON>\n<data JSON>``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,22 @@ def decode_entry(topic: str, epoch: str, entry: bytes) -> tuple[Message, int]:
                     orjson.loads(event), data), int(created))
 
 
+def encode_bus(message: Message) -> bytes:
+    """What a broker publishes for a message the store did not put on the
+    bus itself (ephemeral ones; stored ones only from a store that does not
+    publish, with no creation time)."""
+    tail = entry_tail(message.id, message.time, message.event, message.data)
+    if message.seq is None:
+        return b"- " + tail
+    return b"%s %d 0 %s" % (message.epoch.encode(), message.seq, tail)
+
+
 def decode_bus(topic: str, payload: bytes) -> Message:
     """A bus message as a Message."""
     epoch, _, entry = payload.partition(b" ")
+    if epoch == b"-":
+        head, _, data = entry.partition(b"\n")
+        message_id, time, event = head.split(b" ", 2)
+        return Message(topic, None, None, message_id.decode(), time.decode(),
+                       orjson.loads(event), data)
     return decode_entry(topic, epoch.decode(), entry)[0]

@@ -30,3 +30,10 @@ def test_every_key_of_a_topic_shares_its_hash_tag():
     for key in keys:
         assert key[key.index("{") + 1:key.index("}")] == topic
     assert redis_format.topic_of_channel(redis_format.channel(topic).encode()) == topic
+
+
+@pytest.mark.parametrize("seq, epoch", [(None, None), (42, "e9")])
+def test_what_a_broker_publishes_decodes_to_the_message(seq, epoch):
+    message = Message("news.a", seq, epoch, "01a2b3c4d5e6f7a8b9c0d1e2", "2026-01-01T09:40:02.511Z",
+                      'typing "x"', b'{"who":"bob"}')
+    assert redis_format.decode_bus("news.a", redis_format.encode_bus(message)) == message
