@@ -1,6 +1,12 @@
 """Who may connect and what they may do: JWTs for WebSocket clients, API keys
 for backend services. Algorithms are pinned by config; ``alg: none`` and any
 algorithm not listed are refused by PyJWT itself.
+
+Token keys come from ``auth.jwt_secret``, ``auth.jwt_public_key_file`` or an
+identity provider's JWKS (``auth.jwks_url``, see ``jwks.py``). With a JWKS,
+``verify`` stays synchronous while the token's key is cached, which is the
+common case; only a token naming an unknown ``kid`` raises ``KeyNotCached``,
+and the caller then awaits ``verify_after_fetch``.
 """
 
 from __future__ import annotations
@@ -16,11 +22,18 @@ from pathlib import Path
 import jwt
 
 from notifier.config import AuthConfig, ConfigError
+from notifier.jwks import JwksKeys
 from notifier.topics import is_valid_pattern, is_valid_user, matches_any, owner_of, personal_topic
 
 
 class AuthError(Exception):
     """A token that cannot be accepted; the message says why, never the token."""
+
+
+class KeyNotCached(AuthError):
+    """The token names a JWKS key id this process has not fetched (yet).
+    Callers that can wait await ``TokenVerifier.verify_after_fetch``; any
+    other caller refuses the token like any AuthError."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,19 +68,77 @@ def _patterns(claims: dict, name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _jwks_settings(config: AuthConfig) -> tuple:
+    return (config.jwks_url, tuple(config.jwt_algorithms), config.jwks_min_fetch_interval,
+            config.jwks_refresh_interval)
+
+
 class TokenVerifier:
     """Verifies JWTs against the configured key and pinned algorithms."""
 
-    def __init__(self, config: AuthConfig):
+    def __init__(self, config: AuthConfig, jwks: JwksKeys | None = None):
         self.algorithms = list(config.jwt_algorithms)
-        if config.jwt_public_key_file:
+        self.jwks: JwksKeys | None = None
+        if config.jwks_url:
+            self.jwks = jwks or JwksKeys(*_jwks_settings(config))
+        elif config.jwt_public_key_file:
             self.key: str | bytes = Path(config.jwt_public_key_file).read_bytes()
         else:
             self.key = config.jwt_secret
         self.audience = config.audience or None
         self.issuer = config.issuer or None
 
+    async def start(self) -> None:
+        """With a JWKS: fetch it once (a failure is logged, and tokens are
+        refused until keys arrive), then keep it fresh. Nothing otherwise."""
+        if self.jwks is not None:
+            self.jwks.start()
+            await self.jwks.refresh()
+
+    def stop(self) -> None:
+        if self.jwks is not None:
+            self.jwks.stop()
+
+    def reloaded(self, config: AuthConfig) -> "TokenVerifier":
+        """The verifier for a reloaded ``[auth]``. The same JWKS with the same
+        settings keeps its cached keys and schedule; otherwise this one's
+        refreshing stops and the new one's starts."""
+        same = self.jwks is not None and self.jwks.settings == _jwks_settings(config)
+        fresh = TokenVerifier(config, self.jwks if same else None)
+        if not same:
+            self.stop()
+            if fresh.jwks is not None:
+                fresh.jwks.start()
+        return fresh
+
+    async def verify_after_fetch(self, token: str) -> Identity:
+        """``verify`` for a token that raised KeyNotCached: wait for a JWKS
+        fetch (or return at once if one started within the minimum
+        interval), then verify again; a kid still unknown is refused."""
+        await self.jwks.refresh_for_unknown_kid()
+        return self.verify(token)
+
+    def _key_for(self, token: str) -> str | bytes | jwt.PyJWK:
+        if self.jwks is None:
+            return self.key
+        try:
+            header = jwt.get_unverified_header(token)
+        except (jwt.InvalidTokenError, ValueError):
+            raise AuthError("token malformed") from None
+        algorithm, kid = header.get("alg"), header.get("kid")
+        if algorithm not in self.algorithms:
+            raise AuthError("token algorithm not allowed")
+        if kid is None:
+            raise AuthError("token has no key id (kid)")
+        keys = self.jwks.get(kid)
+        if keys is None:
+            raise KeyNotCached("token key id (kid) is unknown")
+        if algorithm not in keys:
+            raise AuthError("token algorithm does not match its key")
+        return keys[algorithm]
+
     def verify(self, token: str) -> Identity:
+        key = self._key_for(token)
         required = ["sub", "exp"]
         if self.audience:
             required.append("aud")
@@ -75,7 +146,7 @@ class TokenVerifier:
             required.append("iss")
         try:
             claims = jwt.decode(
-                token, self.key, algorithms=self.algorithms, audience=self.audience,
+                token, key, algorithms=self.algorithms, audience=self.audience,
                 issuer=self.issuer, options={"require": required},
             )
         except jwt.ExpiredSignatureError:

@@ -50,6 +50,9 @@ class AuthConfig:
     jwt_secret: str = _f(STR, "")
     jwt_algorithms: list[str] = _f(LIST, ["HS256"])
     jwt_public_key_file: str = _f(STR, "")
+    jwks_url: str = _f(STR, "")
+    jwks_refresh_interval: float = _f(DURATION, 3600.0)
+    jwks_min_fetch_interval: float = _f(DURATION, 30.0)
     audience: str = _f(STR, "")
     issuer: str = _f(STR, "")
     api_keys: list[str] = _f(LIST, [])
@@ -243,8 +246,24 @@ def validate(config: Config) -> None:
         bad("auth.jwt_algorithms", "do not mix HS* with public-key algorithms")
     if symmetric and config.auth.jwt_public_key_file:
         bad("auth.jwt_public_key_file", "is for RS*/ES* algorithms; HS* tokens use auth.jwt_secret")
-    if not symmetric and not config.auth.jwt_public_key_file:
-        bad("auth.jwt_public_key_file", f"required for {', '.join(algorithms)}")
+    jwks_url = config.auth.jwks_url
+    if jwks_url:
+        if not re.fullmatch(r"https?://[^/\s?#]+(/\S*)?", jwks_url):
+            bad("auth.jwks_url", f"{jwks_url!r} is not an http(s) URL")
+        if symmetric:
+            bad("auth.jwks_url", "needs public-key auth.jwt_algorithms (e.g. RS256, ES256), "
+                f"not {', '.join(symmetric)}")
+        if config.auth.jwt_public_key_file:
+            bad("auth.jwt_public_key_file", "give either it or auth.jwks_url, not both")
+        if config.auth.jwt_secret:
+            bad("auth.jwt_secret", "is not used with auth.jwks_url; leave it empty")
+    if config.auth.jwks_refresh_interval <= 0:
+        bad("auth.jwks_refresh_interval", "must be positive")
+    if config.auth.jwks_min_fetch_interval <= 0:
+        bad("auth.jwks_min_fetch_interval", "must be positive")
+    if not symmetric and not config.auth.jwt_public_key_file and not jwks_url:
+        bad("auth.jwt_public_key_file", f"required for {', '.join(algorithms)} "
+            "(or set auth.jwks_url)")
     if config.auth.jwt_public_key_file and not Path(config.auth.jwt_public_key_file).is_file():
         bad("auth.jwt_public_key_file", f"no such file {config.auth.jwt_public_key_file}")
     if config.auth.jwt_secret and len(config.auth.jwt_secret) < 32:

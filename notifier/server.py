@@ -17,7 +17,7 @@ from tornado.netutil import bind_sockets
 from notifier import config as config_module
 from notifier import internals, logs, protocol
 from notifier.app import Services, build_services, make_app
-from notifier.auth import ApiKeys, DevCredentials, TokenVerifier, development_credentials
+from notifier.auth import ApiKeys, DevCredentials, development_credentials
 from notifier.broker.local import LocalBroker
 from notifier.config import Config, ConfigError
 from notifier.heartbeat import Heartbeat
@@ -79,6 +79,9 @@ class Server:
             print(f"notifier: {exc}", file=sys.stderr)
             return 1
         services = self.services = build_services(config, store, LocalBroker())
+        # A JWKS that cannot be fetched is logged (jwks.fetch_failed) and retried;
+        # the service starts anyway: the HTTP API does not need it.
+        await services.verifier.start()
         http = HTTPServer(make_app(services), xheaders=config.server.xheaders,
                           max_body_size=config.limits.max_body_bytes + BODY_SLACK)
         try:
@@ -86,6 +89,7 @@ class Server:
         except OSError as exc:
             print(f"notifier: cannot listen on {config.server.host}:{config.server.port}: "
                   f"{exc.strerror}", file=sys.stderr)
+            services.verifier.stop()
             await store.close()
             return 1
         http.add_sockets(sockets)
@@ -138,6 +142,7 @@ class Server:
         for timer in timers:
             timer.stop()
         heartbeat.stop()
+        services.verifier.stop()
         await store.close()
         self.log.info("server.stopped")
         return 0
@@ -162,7 +167,7 @@ class Server:
         services.config.log.level = fresh.log.level
         services.config.auth = fresh.auth
         services.api_keys = ApiKeys(fresh.auth.api_keys)
-        services.verifier = TokenVerifier(fresh.auth)
+        services.verifier = services.verifier.reloaded(fresh.auth)
         self.log.info("config.reloaded", log_level=fresh.log.level,
                       api_keys=len(fresh.auth.api_keys))
         self.systemd.ready()

@@ -55,6 +55,8 @@ ENV_CASES = [
     ("auth.jwt_algorithms", "HS256,HS512", ["HS256", "HS512"]),
     ("auth.audience", "aud", "aud"),
     ("auth.issuer", "iss", "iss"),
+    ("auth.jwks_refresh_interval", "10m", 600.0),
+    ("auth.jwks_min_fetch_interval", "5s", 5.0),
     ("auth.api_keys", "abcdefgh", ["abcdefgh"]),
     ("store.backend", "sqlite", "sqlite"),
     ("store.path", "/srv/n.db", "/srv/n.db"),
@@ -267,7 +269,8 @@ class TestEnvironment:
         assert config.auth.jwt_algorithms == ["RS256"]
 
     def test_every_config_field_has_an_env_variable(self):
-        covered = {case[0] for case in ENV_CASES} | {"auth.jwt_public_key_file"}
+        # These two need other keys beside them (tested in test_auth.py, test_jwks.py).
+        covered = {case[0] for case in ENV_CASES} | {"auth.jwt_public_key_file", "auth.jwks_url"}
         assert covered == set(all_keys())
 
 

@@ -188,3 +188,49 @@ async def test_sighup_rotates_the_jwt_secret_keeping_websocket(io_loop, tmp_path
         bob.close()
     finally:
         server.kill()
+
+
+async def test_sighup_with_a_jwks_keeps_its_cache_or_fetches_the_new_one(
+        io_loop, tmp_path, config_file):
+    from idp import IdentityProvider, SigningKey, claims
+
+    first, second = IdentityProvider().start(), IdentityProvider().start()
+    key_a, key_b = SigningKey("key-a"), SigningKey("key-b")
+    first.publish(key_a)
+    second.publish(key_b)
+
+    def jwks_config(url: str, audience: str = "") -> str:
+        return (config_text("info", [OLD_KEY]) + f'jwt_algorithms = ["RS256"]\n'
+                f'jwks_url = "{url}"\naudience = "{audience}"\n')
+
+    config_file.write_text(jwks_config(first.url))
+    server = start(tmp_path, config_file, NOTIFIER_AUTH_JWT_SECRET=None)
+    try:
+        assert first.requests == 1  # fetched before the port opened
+        assert server.find_events("jwks.fetched")[0]["kids"] == ["key-a"]
+        alice = await connect(server.port, key_a.sign(claims("alice")))
+
+        # Same JWKS, other settings: the cache is kept, nothing is fetched.
+        config_file.write_text(jwks_config(first.url, audience="notifier"))
+        server.signal(signal.SIGHUP)
+        server.wait_for_event("config.reloaded")
+        bob = await connect(server.port, key_a.sign(claims("bob", aud="notifier")))
+        status, _ = server.request("GET", "/ws", key=None, headers={
+            "Authorization": f"Bearer {key_a.sign(claims('carol'))}"})
+        assert status == 401  # no aud: the new audience rule applies
+        assert first.requests == 1
+
+        # Another JWKS: fetched at once; the old one is asked no more.
+        config_file.write_text(jwks_config(second.url))
+        server.signal(signal.SIGHUP)
+        server.wait_for_event("jwks.fetched", kids=["key-b"])
+        dave = await connect(server.port, key_b.sign(claims("dave")))
+        assert (first.requests, second.requests) == (1, 1)
+        for client in (alice, bob, dave):
+            await client.send({"type": "ping", "ref": 1})
+            assert (await client.expect("pong"))["ref"] == 1
+            client.close()
+    finally:
+        server.kill()
+        first.stop()
+        second.stop()
