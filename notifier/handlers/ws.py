@@ -69,7 +69,9 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         except AuthError as exc:
             self.services.log.info("connection.refused", reason=str(exc), ip=self.request.remote_ip)
             return self._refuse(401, "unauthorized", str(exc))
-        if self.request.headers.get("Upgrade", "").lower() != "websocket":
+        # Other methods go on to Tornado's 405 (with Allow: GET).
+        if self.request.method == "GET" and \
+                self.request.headers.get("Upgrade", "").lower() != "websocket":
             self.services.log.debug("connection.not_websocket", path=self.request.path,
                                     ip=self.request.remote_ip)
             return self._refuse(400, "bad_request", "this endpoint speaks WebSocket only "
