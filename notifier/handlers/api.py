@@ -32,9 +32,19 @@ class ApiError(tornado.web.HTTPError):
         self.headers = headers or {}
 
 
+def allowed_methods(handler: tornado.web.RequestHandler) -> list[str]:
+    """The methods ``handler``'s class implements: those it overrides."""
+    return [method for method in handler.SUPPORTED_METHODS
+            if getattr(type(handler), method.lower(), None)
+            is not getattr(tornado.web.RequestHandler, method.lower(), None)]
+
+
 def finish_with_error(handler: tornado.web.RequestHandler, code: str, message: str) -> None:
     """End a response (its status already set) with the error body every
     endpoint uses: ``{"error": {"code", "message"}}``."""
+    if handler.get_status() == 405:
+        # RFC 9110: a 405 names the methods that would work.
+        handler.set_header("Allow", ", ".join(allowed_methods(handler)))
     handler.set_header("Content-Type", "application/json")
     handler.finish(orjson.dumps({"error": {"code": code, "message": message}}))
 
