@@ -11,7 +11,7 @@ from notifier import logs
 from notifier.auth import ApiKeys, TokenVerifier
 from notifier.broker.base import Broker
 from notifier.config import Config
-from notifier.handlers import api, health, ws
+from notifier.handlers import api, health, openapi, ws
 from notifier.hub import Hub
 from notifier.metrics import Metrics
 from notifier.node import Node
@@ -86,6 +86,7 @@ def make_app(services: Services) -> tornado.web.Application:
             (rf"/api/topics/{TOPIC}/presence", api.PresenceHandler, args),
             (r"/api/users/([^/]+)/disconnect", api.DisconnectHandler, args),
             (r"/api/stats", api.StatsHandler, args),
+            (r"/api/openapi.json", openapi.OpenApiHandler, args),
             (r"/healthz", health.HealthHandler, args),
             (r"/readyz", health.ReadyHandler, args),
             (r"/metrics", health.MetricsHandler, args),
