@@ -12,11 +12,13 @@ gap and no duplicate, acks, token refresh.
 
 Command order: quick commands (ping, unsubscribe, auth, ephemeral publish)
 run inside ``receive``, so frames that arrived together are answered in
-one loop turn. ``subscribe`` and ``ack`` wait on the store: ``receive``
-returns an awaitable, and the transport must not hand over the next frame
-until it is done. Durable publishes are the exception: each queues for the
-store's next group commit at once, its reply chained behind the previous
-one (``_chain``), and any later command waits for that chain first.
+one loop turn. ``subscribe`` and ``ack`` wait on the store, and an ``auth``
+whose token names a JWKS key not fetched yet waits for that fetch:
+``receive`` returns an awaitable, and the transport must not hand over the
+next frame until it is done. Durable publishes are the exception: each
+queues for the store's next group commit at once, its reply chained behind
+the previous one (``_chain``), and any later command waits for that chain
+first.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any, Awaitable, Protocol
 
 from notifier import protocol
-from notifier.auth import AuthError, Identity
+from notifier.auth import AuthError, Identity, KeyNotCached, TokenVerifier
 from notifier.broker.base import READY
 from notifier.hub import Sink, Subscription
 from notifier.messages import Draft, Message
@@ -405,12 +407,29 @@ class Session:
     def _on_ping(self, command: protocol.Ping) -> None:
         self.send(protocol.pong(command.ref))
 
-    def _on_auth(self, command: protocol.Auth) -> None:
+    def _on_auth(self, command: protocol.Auth) -> Awaitable[None] | None:
+        verifier = self.services.verifier
         try:
-            identity = self.services.verifier.verify(command.token)
+            identity = verifier.verify(command.token)
+        except KeyNotCached:
+            return self._auth_after_fetch(verifier, command)
+        except AuthError as exc:
+            self._error(ProtocolError(protocol.UNAUTHORIZED, str(exc), command.ref))
+            return None
+        self._reauthenticate(identity, command)
+        return None
+
+    async def _auth_after_fetch(self, verifier: TokenVerifier, command: protocol.Auth) -> None:
+        """``auth`` with a token whose JWKS key is not cached: answered once
+        the fetch is done, and later frames wait for it."""
+        try:
+            identity = await verifier.verify_after_fetch(command.token)
         except AuthError as exc:
             self._error(ProtocolError(protocol.UNAUTHORIZED, str(exc), command.ref))
             return
+        self._reauthenticate(identity, command)
+
+    def _reauthenticate(self, identity: Identity, command: protocol.Auth) -> None:
         if identity.user != self.user:
             self._error(ProtocolError(protocol.UNAUTHORIZED,
                                       "token is for another user", command.ref))

@@ -17,7 +17,7 @@ import tornado.websocket
 from tornado.iostream import StreamBufferFullError
 
 from notifier import internals, protocol
-from notifier.auth import AuthError, Identity
+from notifier.auth import AuthError, Identity, KeyNotCached, TokenVerifier
 from notifier.config import canonical_origin
 from notifier.frames import text_frame
 from notifier.handlers.api import finish_with_error
@@ -55,7 +55,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         # e.g. 405 for POST /ws: JSON like every other error.
         finish_with_error(self, "bad_request", self._reason)
 
-    def prepare(self) -> None:
+    def prepare(self) -> Awaitable[None] | None:
         # Refusals happen here, before Tornado's get() upgrades; doing it in
         # prepare() rather than an overriding get() keeps one coroutine frame
         # fewer alive for the whole life of every connection.
@@ -64,11 +64,28 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         token = self._token()
         if token is None:
             return self._refuse(401, "unauthorized", "missing token")
+        verifier = self.services.verifier
         try:
-            self.identity = self.services.verifier.verify(token)
+            self.identity = verifier.verify(token)
+        except KeyNotCached:
+            # A JWKS key not fetched yet: Tornado awaits the fetch before get().
+            return self._prepare_after_fetch(verifier, token)
         except AuthError as exc:
-            self.services.log.info("connection.refused", reason=str(exc), ip=self.request.remote_ip)
-            return self._refuse(401, "unauthorized", str(exc))
+            return self._refuse_token(exc)
+        return self._require_upgrade()
+
+    async def _prepare_after_fetch(self, verifier: TokenVerifier, token: str) -> None:
+        try:
+            self.identity = await verifier.verify_after_fetch(token)
+        except AuthError as exc:
+            return self._refuse_token(exc)
+        return self._require_upgrade()
+
+    def _refuse_token(self, exc: AuthError) -> None:
+        self.services.log.info("connection.refused", reason=str(exc), ip=self.request.remote_ip)
+        self._refuse(401, "unauthorized", str(exc))
+
+    def _require_upgrade(self) -> None:
         # Other methods go on to Tornado's 405 (with Allow: GET).
         if self.request.method == "GET" and \
                 self.request.headers.get("Upgrade", "").lower() != "websocket":
