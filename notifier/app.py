@@ -15,6 +15,7 @@ from notifier.handlers import api, health, openapi, ws
 from notifier.hub import Hub
 from notifier.metrics import Metrics
 from notifier.node import Node
+from notifier.presence import LocalPresence, Presence, RedisPresence
 from notifier.outbox import Flusher
 from notifier.publish import Publisher
 from notifier.ratelimit import TokenBucket
@@ -30,6 +31,7 @@ class Services:
     broker: Broker
     hub: Hub
     node: Node
+    presence: Presence
     publisher: Publisher
     verifier: TokenVerifier
     api_keys: ApiKeys
@@ -50,8 +52,14 @@ def build_services(config: Config, store: Store, broker: Broker) -> Services:
     broker.listen(node)
     if hasattr(store, "commit_observer"):
         store.commit_observer = metrics.observe_commit
+    if config.store.backend == "redis":
+        # Refreshed every heartbeat: a dead node leaves presence within three.
+        presence: Presence = RedisPresence(hub, config.store.redis_url, node.id,
+                                           config.heartbeat.interval)
+    else:
+        presence = LocalPresence(hub)
     return Services(
-        config=config, store=store, broker=broker, hub=hub, node=node,
+        config=config, store=store, broker=broker, hub=hub, node=node, presence=presence,
         publisher=Publisher(store, broker, metrics.delivery_latency.observe),
         verifier=TokenVerifier(config.auth),
         api_keys=ApiKeys(config.auth.api_keys),

@@ -99,6 +99,11 @@ class Hub:
         self._watching: dict[str, Awaitable[None]] = {}  # only those not READY at once
         self.topics: dict[str, dict[Peer, Subscription]] = {}
         self.peers: dict[Peer, dict[str, Subscription]] = {}
+        self.by_user: dict[str, set[Peer]] = {}
+        # When a presence record elsewhere must follow this hub: the topics
+        # and users whose subscribers or connections changed since it looked.
+        self.changed_topics: set[str] | None = None
+        self.changed_users: set[str] | None = None
         self._pending: dict[str, list[Message]] = {}
         self.messages_in = 0
         self.messages_out = 0
@@ -107,10 +112,22 @@ class Hub:
 
     def add(self, peer: Peer) -> None:
         self.peers[peer] = {}
+        self.by_user.setdefault(peer.user, set()).add(peer)
+        if self.changed_users is not None:
+            self.changed_users.add(peer.user)
 
     def remove(self, peer: Peer) -> None:
-        for topic in self.peers.pop(peer, {}):
+        if peer not in self.peers:
+            return
+        for topic in self.peers.pop(peer):
             self._drop(peer, topic)
+        same_user = self.by_user.get(peer.user)
+        if same_user is not None:
+            same_user.discard(peer)
+            if not same_user:
+                del self.by_user[peer.user]
+        if self.changed_users is not None:
+            self.changed_users.add(peer.user)
 
     def subscribe(self, peer: Peer, topic: str) -> Subscription:
         """A new subscription, replacing any the peer had on ``topic``. It parks
@@ -123,6 +140,8 @@ class Hub:
             ready = self.watch(topic)
             if ready is not READY:
                 self._watching[topic] = ready
+        if subscribers.get(peer) is None and self.changed_topics is not None:
+            self.changed_topics.add(topic)
         subscribers[peer] = subscription
         self.peers[peer][topic] = subscription
         return subscription
@@ -141,6 +160,8 @@ class Hub:
         subscribers = self.topics.get(topic)
         if subscribers is not None:
             subscribers.pop(peer, None)
+            if self.changed_topics is not None:
+                self.changed_topics.add(topic)
             if not subscribers:
                 del self.topics[topic]
                 self._watching.pop(topic, None)
@@ -314,7 +335,7 @@ class Hub:
         return sorted({peer.user for peer in subscribers}), len(subscribers)
 
     def peers_of(self, user: str) -> list[Peer]:
-        return [peer for peer in self.peers if peer.user == user]
+        return list(self.by_user.get(user, ()))
 
     def subscription_count(self) -> int:
         return sum(len(subscribers) for subscribers in self.topics.values())
@@ -322,5 +343,10 @@ class Hub:
     def topics_of(self, peer: Peer) -> Iterable[str]:
         return list(self.peers.get(peer, {}))
 
-    def users(self) -> Counter:
-        return Counter(peer.user for peer in self.peers)
+    def users(self) -> dict[str, int]:
+        """Connections per user on this node."""
+        return {user: len(peers) for user, peers in self.by_user.items()}
+
+    def topic_users(self, topic: str) -> dict[str, int]:
+        """Connections per user subscribed to ``topic`` on this node."""
+        return dict(Counter(peer.user for peer in self.topics.get(topic, ())))

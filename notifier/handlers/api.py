@@ -11,6 +11,7 @@ import tornado.web
 
 from notifier import protocol
 from notifier.messages import Draft
+from notifier.presence import PresenceError
 from notifier.protocol import ProtocolError
 from notifier.ratelimit import TokenBucket
 from notifier.store.base import StoreError
@@ -243,29 +244,44 @@ class HistoryHandler(ApiHandler):
 
 
 class PresenceHandler(ApiHandler):
-    def get(self, topic: str) -> None:
-        users, connections = self.services.hub.presence(_topic_argument(topic))
+    async def get(self, topic: str) -> None:
+        topic = _topic_argument(topic)
+        try:
+            users, connections = await self.services.presence.topic(topic)
+        except PresenceError as exc:
+            raise ApiError(503, "unavailable", str(exc)) from None
         self.write_json({"users": users, "connections": connections})
 
 
 class DisconnectHandler(ApiHandler):
-    def post(self, user: str) -> None:
+    async def post(self, user: str) -> None:
         if not is_valid_user(user):
             raise ApiError(400, "bad_request", f"invalid user id {user[:210]!r}")
-        connections = len(self.services.hub.peers_of(user))
+        try:
+            connections = await self.services.presence.user_connections(user)
+        except PresenceError as exc:
+            raise ApiError(503, "unavailable", str(exc)) from None
         # Every node closes its own connections of the user, this one included.
         self.services.broker.control({"op": "disconnect", "user": user})
         self.write_json({"user": user, "disconnected": connections})
 
 
 class StatsHandler(ApiHandler):
-    def get(self) -> None:
-        hub = self.services.hub
+    async def get(self) -> None:
+        services = self.services
+        hub = services.hub
+        try:
+            cluster = await services.presence.cluster()
+        except PresenceError as exc:
+            raise ApiError(503, "unavailable", str(exc)) from None
+        # The top level is this node's; "cluster" adds up every live node.
         self.write_json({
+            "node": services.node.id,
             "connections": len(hub.peers),
-            "users": len(hub.users()),
+            "users": len(hub.by_user),
             "topics": len(hub.topics),
             "subscriptions": hub.subscription_count(),
             "messages_in": hub.messages_in,
             "messages_out": hub.messages_out,
+            "cluster": cluster,
         })
