@@ -53,10 +53,16 @@ def cmd_serve(args, config: Config) -> int:
     from notifier.server import serve
 
     config = config_module.with_overrides(config, host=args.host, port=args.port)
-    if args.workers != 1:
-        return _fail("--workers above 1 needs store.backend = \"redis\", "
-                     "which this version does not have")
-    return serve(config, args.config)
+    if args.workers < 1:
+        return _fail("--workers must be at least 1")
+    if args.workers > 1:
+        if config.store.backend != "redis":
+            return _fail("--workers above 1 needs store.backend = \"redis\": the SQLite "
+                         "store is one file with one writer, for one process")
+        from notifier.workers import supervise
+
+        return supervise(config, args.config, args.workers)
+    return serve(config, args.config, args.worker_fd)
 
 
 def cmd_token(args, config: Config) -> int:
@@ -161,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = add("serve", "run the service")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes sharing the port (needs the Redis backend)")
+    # Set by the supervisor of --workers for each worker: its report pipe.
+    serve.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(run=cmd_serve)
 
     token = add("token", "mint a JWT from the configured secret")

@@ -270,8 +270,10 @@ def validate(config: Config) -> None:
         bad("auth.jwt_secret", "must be at least 32 characters")
     if config.store.backend not in ("sqlite", "redis"):
         bad("store.backend", f"must be 'sqlite' or 'redis', not {config.store.backend!r}")
-    if config.store.backend == "redis":
-        bad("store.backend", "'redis' is not available in this version; use 'sqlite'")
+    if config.store.backend == "redis" and urlsplit(config.store.redis_url).scheme not in (
+            "redis", "rediss", "unix"):
+        bad("store.redis_url", f"{redact_url(config.store.redis_url)!r} is not a redis://, "
+            "rediss:// or unix:// URL")
     if config.retention.max_messages < 1:
         bad("retention.max_messages", "must be at least 1")
     if config.retention.max_age <= 0:
@@ -311,6 +313,15 @@ def canonical_origin(origin: str) -> str:
     if default_port and netloc.endswith(default_port):
         netloc = netloc[:-len(default_port)]
     return f"{scheme}://{netloc}" if scheme else origin
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password it carries replaced, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
 
 
 def state_directory(env: Mapping[str, str] | None = None) -> Path:

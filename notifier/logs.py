@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
 from typing import IO
 
 import orjson
@@ -29,14 +30,26 @@ _level_name = "info"
 
 
 class _Output:
-    """The stream log lines go to, swappable after loggers were created."""
+    """The stream log lines go to, swappable after loggers were created.
+    Each line leaves in one write: print() hands over the text and its
+    newline separately, and several processes (``--workers``) may share the
+    stream, where two writes could interleave with another's line."""
 
     stream: IO[str] = sys.stdout
+    _pending = threading.local()
 
     def write(self, text: str) -> int:
-        return self.stream.write(text)
+        pending = getattr(self._pending, "parts", None)
+        if pending is None:
+            pending = self._pending.parts = []
+        pending.append(text)
+        return len(text)
 
     def flush(self) -> None:
+        pending = getattr(self._pending, "parts", None)
+        if pending:
+            self.stream.write("".join(pending))
+            pending.clear()
         self.stream.flush()
 
 
@@ -62,11 +75,28 @@ def _render(_logger, _method, event_dict: dict) -> str:
     return orjson.dumps(ordered, default=str).decode()
 
 
+_node: str | None = None
+
+
+def bind_node(node: str | None) -> None:
+    """Name this process's node on every line from now on (several nodes'
+    lines meet in one log with Redis and ``--workers``)."""
+    global _node
+    _node = node
+
+
+def _add_node(_logger, _method, event_dict: dict) -> dict:
+    if _node is not None:
+        event_dict.setdefault("node", _node)
+    return event_dict
+
+
 def _shared_processors() -> list:
     return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_node,
     ]
 
 

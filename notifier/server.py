@@ -18,11 +18,14 @@ from notifier import config as config_module
 from notifier import internals, logs, protocol
 from notifier.app import Services, build_services, make_app
 from notifier.auth import ApiKeys, DevCredentials, development_credentials
+from notifier.broker.base import Broker
 from notifier.broker.local import LocalBroker
-from notifier.config import Config, ConfigError
+from notifier.broker.redis import BrokerError, RedisBroker
+from notifier.config import Config, ConfigError, redact_url
 from notifier.heartbeat import Heartbeat
 from notifier.sd_notify import SystemdNotifier
-from notifier.store.base import StoreError
+from notifier.workers import ALIVE_EVERY, WorkerReports
+from notifier.store.base import Store, StoreError
 from notifier.store.sqlite import SQLiteStore
 
 STATUS_INTERVAL = 5.0
@@ -50,12 +53,28 @@ def store_path(config: Config) -> Path:
         config_module.state_directory() / "notifier.db")
 
 
+def open_backend(config: Config) -> tuple[Store, Broker, str]:
+    """The store and broker ``store.backend`` names (not yet opened), and
+    where the store is, for the start-up line."""
+    if config.store.backend == "redis":
+        from notifier.store.redis import RedisStore
+
+        store: Store = RedisStore(config.store.redis_url, config.retention.max_messages,
+                                  config.retention.max_age)
+        return store, RedisBroker(config.store.redis_url), redact_url(config.store.redis_url)
+    path = store_path(config)
+    return (SQLiteStore(path, config.retention.max_messages, config.retention.max_age),
+            LocalBroker(), str(path))
+
+
 class Server:
-    def __init__(self, config: Config, config_path: str | None):
+    def __init__(self, config: Config, config_path: str | None, worker_fd: int | None = None):
         self.config = config
         self.config_path = config_path
         self.log = logs.get()
-        self.systemd = SystemdNotifier()
+        # A worker reports to its supervisor, which alone talks to systemd.
+        self.reports = WorkerReports(worker_fd) if worker_fd is not None else None
+        self.systemd = SystemdNotifier({} if self.reports else None)
         self.stop_requested = asyncio.Event()
         self.services: Services | None = None
 
@@ -71,26 +90,36 @@ class Server:
         except ConfigError as exc:
             print(f"notifier: {exc}", file=sys.stderr)
             return 1
-        path = store_path(config)
-        store = SQLiteStore(path, config.retention.max_messages, config.retention.max_age)
+        store, broker, where = open_backend(config)
         try:
             await store.open()
         except StoreError as exc:
             print(f"notifier: {exc}", file=sys.stderr)
             return 1
-        services = self.services = build_services(config, store, LocalBroker())
+        try:
+            await broker.start()
+        except BrokerError as exc:
+            print(f"notifier: {exc}", file=sys.stderr)
+            await store.close()
+            return 1
+        services = self.services = build_services(config, store, broker)
+        if config.store.backend == "redis":
+            logs.bind_node(services.node.id)
+        await services.presence.start()
         # A JWKS that cannot be fetched is logged (jwks.fetch_failed) and retried;
         # the service starts anyway: the HTTP API does not need it.
         await services.verifier.start()
         http = HTTPServer(make_app(services), xheaders=config.server.xheaders,
                           max_body_size=config.limits.max_body_bytes + BODY_SLACK)
         try:
-            sockets = bind_sockets(config.server.port, config.server.host)
+            # Workers share the port; the kernel spreads connections among them.
+            sockets = bind_sockets(config.server.port, config.server.host,
+                                   reuse_port=self.reports is not None)
         except OSError as exc:
             print(f"notifier: cannot listen on {config.server.host}:{config.server.port}: "
                   f"{exc.strerror}", file=sys.stderr)
             services.verifier.stop()
-            await store.close()
+            await self._close_backend(services)
             return 1
         http.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
@@ -106,10 +135,13 @@ class Server:
         if watchdog:
             # Sent from the event loop itself: a stuck loop stops the pings.
             timers.append(PeriodicCallback(self.systemd.watchdog, watchdog * 1000))
+        if self.reports is not None:
+            # From the event loop, like the watchdog: a stuck loop stops them.
+            timers.append(PeriodicCallback(self._report_alive, ALIVE_EVERY * 1000))
         for timer in timers:
             timer.start()
-        self.log.info("server.started", host=config.server.host, port=port, store=str(path),
-                      backend="sqlite", pid=os.getpid())
+        self.log.info("server.started", host=config.server.host, port=port, store=where,
+                      backend=config.store.backend, pid=os.getpid())
         if dev is not None:
             _print_dev_banner(config, port, dev)
         if not config.auth.api_keys:
@@ -118,6 +150,8 @@ class Server:
         self.systemd.ready()
         self.report_status()
         self.systemd.watchdog()
+        if self.reports is not None:
+            self.reports.send("ready")
 
         await self.stop_requested.wait()
 
@@ -143,9 +177,20 @@ class Server:
             timer.stop()
         heartbeat.stop()
         services.verifier.stop()
-        await store.close()
+        await self._close_backend(services)
         self.log.info("server.stopped")
         return 0
+
+    async def _close_backend(self, services: Services) -> None:
+        await services.presence.close()
+        await services.broker.close()
+        await services.store.close()
+
+    def _report_alive(self) -> None:
+        if not self.reports.send("alive"):
+            # The supervisor is gone: nobody would restart or stop this worker.
+            self.log.error("worker.orphaned")
+            self.stop_requested.set()
 
     def report_status(self) -> None:
         hub = self.services.hub
@@ -192,6 +237,6 @@ they are kept in {dev.path} and are not for production.
     )
 
 
-def serve(config: Config, config_path: str | None) -> int:
+def serve(config: Config, config_path: str | None, worker_fd: int | None = None) -> int:
     logs.configure(config.log.level)
-    return asyncio.run(Server(config, config_path).run())
+    return asyncio.run(Server(config, config_path, worker_fd).run())

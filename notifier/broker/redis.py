@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 
 from notifier import logs, redis_format
 from notifier.broker.base import READY, Broker, Listener
+from notifier.config import redact_url
 from notifier.messages import Message
 
 PING_EVERY = 5.0        # seconds between pings on the subscriber connection
@@ -93,7 +94,7 @@ class RedisBroker(Broker):
             await asyncio.wait_for(self._up.wait(), START_TIMEOUT)
         except asyncio.TimeoutError:
             await self.close()
-            raise BrokerError(f"cannot reach Redis at {_safe(self.url)} for pub/sub") from None
+            raise BrokerError(f"cannot reach Redis at {redact_url(self.url)} for pub/sub") from None
 
     async def close(self) -> None:
         self._closing = True
@@ -319,10 +320,3 @@ def _batches(command: str, channels: list[str]) -> list[list[str]]:
     return [[command, *channels[start:start + SUBSCRIBE_BATCH]]
             for start in range(0, len(channels), SUBSCRIBE_BATCH)]
 
-
-def _safe(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.split('@', 1)[1]}"
