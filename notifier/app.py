@@ -11,7 +11,7 @@ from notifier import logs
 from notifier.auth import ApiKeys, TokenVerifier
 from notifier.broker.base import Broker
 from notifier.config import Config
-from notifier.handlers import api, health, openapi, ws
+from notifier.handlers import api, health, openapi, static, ws
 from notifier.hub import Hub
 from notifier.metrics import Metrics
 from notifier.node import Node
@@ -85,6 +85,12 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
 def make_app(services: Services) -> tornado.web.Application:
     args = {"services": services}
     config = services.config
+    files = {"services": services, "path": str(static.STATIC_DIR)}
+    demo = [
+        (r"/()", static.FileHandler, {**files, "path": str(static.DEMO_DIR),
+                                      "default_filename": "index.html"}),
+        (r"/demo/([^/]+)", static.FileHandler, {**files, "path": str(static.DEMO_DIR)}),
+    ] if config.server.demo_page else []
     return tornado.web.Application(
         [
             (r"/ws", ws.SocketHandler, args),
@@ -98,6 +104,9 @@ def make_app(services: Services) -> tornado.web.Application:
             (r"/healthz", health.HealthHandler, args),
             (r"/readyz", health.ReadyHandler, args),
             (r"/metrics", health.MetricsHandler, args),
+            (r"/static/(notifier\.js|notifier\.d\.ts)", static.FileHandler,
+             {**files, "shared": True}),
+            *demo,
         ],
         default_handler_class=api.NotFoundHandler,
         default_handler_args=args,

@@ -43,6 +43,7 @@ class ServerConfig:
     drain_timeout: float = _f(DURATION, 10.0)
     xheaders: bool = _f(BOOL, False)
     compression: bool = _f(BOOL, False)
+    demo_page: bool = _f(BOOL, True)
 
 
 @dataclass

@@ -513,7 +513,8 @@ async def test_metrics_count_api_errors_by_code(port):
 # Routing errors
 
 
-@pytest.mark.parametrize("path", ["/", "/nope", "/api", "/api/nothing", "/api/topics/a",
+# "/" is the demo page unless server.demo_page is off (tests/test_browser_client.py).
+@pytest.mark.parametrize("path", ["/nope", "/api", "/api/nothing", "/api/topics/a",
                                   "/api/topics/a/messages/extra", "/ws/x", "/healthz/x"])
 async def test_unknown_path_is_404_json(port, path):
     for method in ("GET", "POST"):

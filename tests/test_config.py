@@ -48,6 +48,7 @@ ENV_CASES = [
     ("server.host", "0.0.0.0", "0.0.0.0"),
     ("server.xheaders", "true", True),
     ("server.compression", "yes", True),
+    ("server.demo_page", "off", False),
     ("server.port", "9001", 9001),
     ("server.allowed_origins", "https://x.example", ["https://x.example"]),
     ("server.drain_timeout", "3s", 3.0),
