@@ -152,11 +152,20 @@ export class NotifierClient extends EventTarget {
     this.generation = 0;
     this.refs = 0;
     this.needFreshToken = false;
-    this.wake = () => this._wake();
+    this.wentOffline = false; // while the current socket was open
+    this.onOnline = () => {
+      // A socket that lived through an offline spell is likely dead (a new
+      // network, a new address): replace it rather than wait for a pong.
+      if (this.wentOffline && this.state === "open") this._abandon("back online", true);
+      this._wake();
+    };
+    this.onOffline = () => {
+      if (this.state === "open") this.wentOffline = true;
+      this._checkNow();
+    };
     this.onVisibility = () => {
       if (document.visibilityState === "visible") this._wake();
     };
-    this.onOffline = () => this._checkNow();
   }
 
   get personalTopic() {
@@ -168,7 +177,7 @@ export class NotifierClient extends EventTarget {
     if (this.state === "connecting" || this.state === "open") return;
     this._clear("reconnect");
     this.stopped = false;
-    window.addEventListener("online", this.wake);
+    window.addEventListener("online", this.onOnline);
     window.addEventListener("offline", this.onOffline);
     document.addEventListener("visibilitychange", this.onVisibility);
     this._open();
@@ -317,6 +326,7 @@ export class NotifierClient extends EventTarget {
     this.connection = frame.connection;
     this.lastSeen = performance.now();
     this.pingSentAt = null;
+    this.wentOffline = false;
     this.timers.stable = setTimeout(() => {
       this.attempt = 0;
     }, this.options.backoff.stableAfter);
@@ -580,7 +590,7 @@ export class NotifierClient extends EventTarget {
     this.timers.ping = setTimeout(() => this._watch(), Math.max(0, due - now));
   }
 
-  /** Check the connection now (back online, tab visible again, gone offline). */
+  /** Check the connection now (tab visible again, gone offline). */
   _checkNow() {
     if (this.state !== "open" || this.pingSentAt !== null) return;
     this._send({ type: "ping" });
@@ -655,7 +665,7 @@ export class NotifierClient extends EventTarget {
     this.stopped = true;
     if (this.state === "stopped" || this.state === "idle") return;
     this._clear("reconnect");
-    window.removeEventListener("online", this.wake);
+    window.removeEventListener("online", this.onOnline);
     window.removeEventListener("offline", this.onOffline);
     document.removeEventListener("visibilitychange", this.onVisibility);
     const socket = this.socket;
