@@ -847,7 +847,7 @@ async def test_demo_screenshot(port, browser, tmp_path):
                  {"user": "alice", "event": "order.shipped",
                   "data": {"text": "Your order #1042 has shipped", "carrier": "DHL"}}):
         await publish(port, body)
-    context = await browser.new_context(viewport={"width": 1100, "height": 720},
+    context = await browser.new_context(viewport={"width": 1100, "height": 630},
                                         color_scheme="light", device_scale_factor=1)
     page = await open_demo(context, demo_url(port, jwt, "news.sport"))
     await wait_shown(page, 2)
@@ -860,6 +860,8 @@ async def test_demo_screenshot(port, browser, tmp_path):
     shot = tmp_path / "demo.png"
     await page.screenshot(path=str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shipped = (await shown(page))[2]["text"]
+    assert "Your order #1042 has shipped" in shipped and '{"carrier":"DHL"}' in shipped
     target = os.environ.get("DEMO_SCREENSHOT")
     if target:
         shutil.copyfile(shot, Path(target) if Path(target).is_absolute() else ROOT / target)

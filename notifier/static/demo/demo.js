@@ -43,15 +43,19 @@ function formatTime(iso) {
   return today ? time.toLocaleTimeString() : time.toLocaleString();
 }
 
-/** The line to read first: a string, or a text-like field; null for other data. */
+/** [the line to read first, the rest of the data or undefined]: a string,
+ * or an object's text-like field; [null, data] for anything else. */
 function headline(data) {
-  if (typeof data === "string") return data;
+  if (typeof data === "string") return [data, undefined];
   if (data && typeof data === "object" && !Array.isArray(data)) {
     for (const key of ["title", "text", "message", "body"]) {
-      if (typeof data[key] === "string") return data[key];
+      if (typeof data[key] === "string") {
+        const { [key]: text, ...rest } = data;
+        return [text, Object.keys(rest).length ? rest : undefined];
+      }
     }
   }
-  return null;
+  return [null, data];
 }
 
 function render(message) {
@@ -80,18 +84,17 @@ function render(message) {
   head.append(time);
   item.append(head);
 
-  const text = headline(message.data);
+  const [text, rest] = headline(message.data);
   if (text !== null) {
     const line = document.createElement("p");
     line.className = "text";
     line.textContent = text;
     item.append(line);
   }
-  // The data as JSON too, unless the headline was all of it.
-  if (text === null || (typeof message.data === "object" && Object.keys(message.data).length > 1)) {
+  if (rest !== undefined) {
     const data = document.createElement("pre");
     data.className = "data";
-    data.textContent = JSON.stringify(message.data);
+    data.textContent = JSON.stringify(rest);
     item.append(data);
   }
   const meta = document.createElement("p");
