@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from urllib.parse import quote
 
 import orjson
 
 from notifier import config as config_module
 from notifier.auth import mint_token
 from notifier.config import Config, ConfigError, parse_duration
-from notifier.topics import is_valid_pattern, is_valid_topic, is_valid_user, owner_of, personal_topic
+from notifier.topics import is_valid_pattern, is_valid_topic, is_valid_user, owner_of
+
+SUBSCRIBE_TOKEN_TTL = 3600  # seconds; the client refreshes it before it runs out
 
 
 def _fail(message: str) -> int:
@@ -80,12 +81,15 @@ def cmd_token(args, config: Config) -> int:
 
 
 def cmd_publish(args, config: Config) -> int:
-    from tornado.httpclient import HTTPClient, HTTPClientError
-
+    from notifier.client import APIError, Client, Unreachable
     from notifier.server import resolve_secrets
 
     if not is_valid_topic(args.topic):
         return _fail(f"invalid topic name {args.topic!r}")
+    try:
+        retry_for = parse_duration(args.retry_for)
+    except ValueError as exc:
+        return _fail(f"--retry-for: {exc}")
     resolve_secrets(config)
     if not config.auth.api_keys:
         return _fail("no API key: set auth.api_keys (or NOTIFIER_AUTH_API_KEYS)")
@@ -93,45 +97,69 @@ def cmd_publish(args, config: Config) -> int:
         data = orjson.loads(args.data)
     except orjson.JSONDecodeError:
         data = args.data  # plain text is published as a JSON string
-    body = {"topic": args.topic, "data": data}
-    if args.event:
-        body["event"] = args.event
-    client = HTTPClient()
+
+    async def publish():
+        async with Client(_base_url(config, args.url), api_key=config.auth.api_keys[0],
+                          retry_for=retry_for) as client:
+            return await client.publish(args.topic, data=data, event=args.event)
+
     try:
-        response = client.fetch(
-            _base_url(config, args.url) + "/api/publish", method="POST",
-            headers={"Authorization": f"Bearer {config.auth.api_keys[0]}",
-                     "Content-Type": "application/json"},
-            body=orjson.dumps(body))
-    except HTTPClientError as exc:
-        detail = exc.response.body.decode() if exc.response is not None else str(exc)
-        return _fail(f"publish refused ({exc.code}): {detail}")
-    except OSError as exc:
-        return _fail(f"cannot reach the server: {exc}")
-    finally:
-        client.close()
-    print(response.body.decode())
+        published = asyncio.run(publish())
+    except APIError as exc:
+        return _fail(f"publish refused ({exc.status} {exc.code}): {exc.message}")
+    except Unreachable as exc:
+        return _fail(f"cannot reach the server: {exc.__cause__ or exc}")
+    print(orjson.dumps(published.as_dict()).decode())
     return 0
 
 
-async def _subscribe(url: str, topics: list[str], since: int | None, personal: str) -> int:
-    from tornado.websocket import websocket_connect
+def _report(event) -> None:
+    """State changes of ``notifier subscribe``, one line each on stderr."""
+    from notifier.client import Connected, Disconnected, Subscribed
 
-    connection = await websocket_connect(url)
-    for topic in topics:
-        if topic == personal and since is None:
-            continue  # the server subscribes it on connect, from the stored cursor
-        command = {"type": "subscribe", "topic": topic}
-        if since is not None:
-            command["since"] = since
-        await connection.write_message(orjson.dumps(command).decode())
-    while True:
-        frame = await connection.read_message()
-        if frame is None:
-            print(f"notifier: connection closed ({connection.close_code} "
-                  f"{connection.close_reason or ''})".rstrip() + ")", file=sys.stderr)
-            return 0 if connection.close_code in (1000, 1001) else 1
-        print(frame, flush=True)
+    if isinstance(event, Connected):
+        line = f"connected as {event.user} (connection {event.connection})"
+    elif isinstance(event, Subscribed):
+        line = (f"subscribed {event.topic} at seq {event.seq} (epoch {event.epoch}"
+                f"{'' if event.recovered else ', not recovered: older messages were dropped'})")
+    elif isinstance(event, Disconnected):
+        cause = " ".join(str(part) for part in (event.code, event.reason) if part is not None)
+        line = f"disconnected ({cause or 'no reason'}); reconnecting in {event.retry_in:.1f} s"
+    else:
+        return
+    print(f"notifier: {line}", file=sys.stderr, flush=True)
+
+
+async def _subscribe(base_url: str, token, topics: list[str], since: int | None, ack: bool) -> int:
+    """Print messages until SIGINT or SIGTERM (exit 0), or a refusal that
+    reconnecting cannot fix (exit 1)."""
+    import signal
+
+    from notifier.client import Client, NotifierError
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with Client(base_url, token=token) as client:
+        async def follow() -> None:
+            async for message in client.subscribe(topics, since=since, on_event=_report):
+                print(orjson.dumps(message.as_dict()).decode(), flush=True)
+                if ack:
+                    await client.ack(message)
+
+        following = asyncio.ensure_future(follow())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([following, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not following.done():
+            await client.close()  # acks still waiting are sent, the socket closes normally
+        try:
+            await following
+        except NotifierError as exc:
+            print(f"notifier: {exc}", file=sys.stderr)
+            return 1
+    return 0
 
 
 def cmd_subscribe(args, config: Config) -> int:
@@ -144,15 +172,18 @@ def cmd_subscribe(args, config: Config) -> int:
         return _fail(str(exc))
     owners = [owner_of(topic) for topic in args.topics if owner_of(topic)]
     user = args.user or (owners[0] if owners else "cli")
-    token = mint_token(secret, algorithm, user, args.topics, [], 24 * 3600,
-                       config.auth.audience, config.auth.issuer)
-    url = _base_url(config, args.url).replace("http", "ws", 1) + "/ws?token=" + quote(token)
+
+    def token() -> str:
+        # A new one for every connection, and for the client's refresh
+        # before it expires.
+        return mint_token(secret, algorithm, user, args.topics, [], SUBSCRIBE_TOKEN_TTL,
+                          config.auth.audience, config.auth.issuer)
+
     try:
-        return asyncio.run(_subscribe(url, args.topics, args.since, personal_topic(user)))
-    except KeyboardInterrupt:
+        return asyncio.run(_subscribe(_base_url(config, args.url), token, args.topics,
+                                      args.since, args.ack))
+    except KeyboardInterrupt:  # before the handlers were in place
         return 0
-    except OSError as exc:
-        return _fail(f"cannot reach the server: {exc}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("data", help="JSON, or plain text sent as a JSON string")
     publish.add_argument("--event")
     publish.add_argument("--url", help="server URL (default: from config)")
+    publish.add_argument("--retry-for", default="10s",
+                         help="keep retrying a server that is down or restarting this long "
+                              "(default 10s; 0: try once)")
     publish.set_defaults(run=cmd_publish)
 
     subscribe = add("subscribe", "print messages of topics as they arrive (tail -f)")
@@ -193,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.add_argument("--user", help="whose token to mint (default: the owner of a "
                            "user:<id> topic given, else 'cli')")
     subscribe.add_argument("--url", help="server URL (default: from config)")
+    subscribe.add_argument("--ack", action="store_true",
+                           help="ack each message once printed (moves the user's stored cursor)")
     subscribe.set_defaults(run=cmd_subscribe)
     return parser
 

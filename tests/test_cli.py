@@ -19,8 +19,8 @@ import orjson
 import pytest
 
 from notifier.auth import mint_token
-from procs import ServerProcess, base_environment, free_port
-from support import connect
+from procs import ServerProcess, base_environment, free_port, read_history
+from support import API_KEY, SECRET, connect, token
 
 QUICK = 10.0  # seconds a failing command gets to exit
 # No config at all: what `notifier serve` does in an empty directory.
@@ -144,67 +144,114 @@ async def test_cli_publish_reaches_a_subscriber(io_loop, dev_server):
 
 
 def test_cli_publish_with_no_server_fails_with_one_line(tmp_path):
-    result = notifier("publish", "news.x", "1", cwd=tmp_path, env=cli_env(free_port()))
+    result = notifier("publish", "news.x", "1", "--retry-for", "0",
+                      cwd=tmp_path, env=cli_env(free_port()))
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "cannot reach the server" in result.stderr
+
+
+def test_cli_publish_retries_through_a_restart(tmp_path):
+    """Started while the server is down, `notifier publish` keeps trying and
+    is answered once it is back; the message is stored once."""
+    server = ServerProcess(tmp_path).start().wait_ready()
+    server.kill()
+    env = cli_env(server.port, NOTIFIER_AUTH_API_KEYS=API_KEY)
+    publisher = subprocess.Popen(
+        [sys.executable, "-m", "notifier", "publish", "news.x", '{"n": 1}', "--retry-for", "20s"],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)  # several refused tries
+        assert publisher.poll() is None, publisher.communicate()
+        with ServerProcess(tmp_path, port=server.port, store_path=server.store_path) as restarted:
+            stdout, stderr = publisher.communicate(timeout=20)
+            assert publisher.returncode == 0, stderr
+            answer = orjson.loads(stdout)
+            history = read_history(restarted, "news.x")
+    finally:
+        if publisher.poll() is None:
+            publisher.kill()
+            publisher.communicate()
+    assert [(m["seq"], m["id"], m["data"]) for m in history] == [(1, answer["id"], {"n": 1})]
 
 
 class Subscriber:
-    """`notifier subscribe ...` as a child; its stdout lines arrive on a queue."""
+    """`notifier subscribe ...` as a child: its stdout lines (one JSON
+    message each) and its stderr lines (states) arrive on two queues."""
 
     def __init__(self, cwd: Path, env: dict[str, str], *args: str):
         self.process = subprocess.Popen(
             [sys.executable, "-m", "notifier", "subscribe", *args], cwd=cwd, env=env,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue[str | None] = queue.Queue()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
+        self.states: queue.Queue[str | None] = queue.Queue()
+        self.stderr: list[str] = []
+        self.readers = [threading.Thread(target=self._read, args=(self.process.stdout, self.lines), daemon=True),
+                        threading.Thread(target=self._read, args=(self.process.stderr, self.states), daemon=True)]
+        for reader in self.readers:
+            reader.start()
 
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.put(line)
-        self.lines.put(None)
+    def _read(self, pipe, lines: queue.Queue) -> None:
+        for line in pipe:
+            if lines is self.states:
+                self.stderr.append(line)
+            lines.put(line)
+        lines.put(None)
 
-    def frame(self, timeout: float = 5.0) -> dict:
+    def message(self, timeout: float = 5.0) -> dict:
         line = self.lines.get(timeout=timeout)
-        assert line is not None, f"subscribe exited: {self.process.stderr.read()}"
-        return orjson.loads(line)  # every line is one JSON frame
+        assert line is not None, f"subscribe exited: {''.join(self.stderr)}"
+        return orjson.loads(line)  # every line is one JSON message
 
-    def until(self, kind: str, **fields) -> dict:
-        while True:
-            frame = self.frame()
-            if frame["type"] == kind and all(frame.get(k) == v for k, v in fields.items()):
-                return frame
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+    def nothing(self, within: float = 0.5) -> None:
         try:
-            return self.process.wait(5)
+            line = self.lines.get(timeout=within)
+        except queue.Empty:
+            return
+        raise AssertionError(f"unexpected output {line!r}")
+
+    def state(self, needle: str, timeout: float = 10.0) -> str:
+        """The next stderr line containing ``needle`` (earlier ones skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.states.get(timeout=max(0.01, deadline - time.monotonic()))
+            assert line is not None, f"subscribe exited: {''.join(self.stderr)}"
+            if needle in line:
+                return line
+
+    def stop(self, signum: int = signal.SIGINT) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(10)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            raise AssertionError("notifier subscribe ignored SIGINT") from None
+            raise AssertionError(f"notifier subscribe ignored signal {signum}") from None
         finally:
+            for reader in self.readers:
+                reader.join(5)
             self.process.stdout.close()
             self.process.stderr.close()
-            self.reader.join(5)
 
 
-def test_cli_subscribe_prints_message_frames_as_json_lines(dev_server):
+def test_cli_subscribe_prints_messages_as_json_lines(dev_server):
     cwd = dev_server.workdir
     key = dev_credentials(cwd)["api_key"]
     subscriber = Subscriber(cwd, cli_env(dev_server.port), "news.x", "alerts")
     try:
-        subscriber.until("subscribed", topic="news.x")
-        subscriber.until("subscribed", topic="alerts")
+        subscriber.state("subscribed news.x")
+        subscriber.state("subscribed alerts")
         sent = []
         for topic, data in (("news.x", {"n": 1}), ("alerts", "fire"), ("news.x", [2])):
             status, body = dev_server.request("POST", "/api/publish", {"topic": topic, "data": data}, key=key)
             assert status == 200, body
             sent.append((topic, body["seq"], body["id"], data))
-        got = [subscriber.until("message") for _ in sent]
+        got = [subscriber.message() for _ in sent]
         assert [(m["topic"], m["seq"], m["id"], m["data"]) for m in got] == sent
+        assert set(got[0]) == {"topic", "seq", "id", "time", "event", "data"}
+        subscriber.nothing()
     finally:
         assert subscriber.stop() == 0
 
@@ -217,12 +264,54 @@ def test_cli_subscribe_since_replays_history(dev_server):
         assert status == 200, body
     subscriber = Subscriber(cwd, cli_env(dev_server.port), "log", "--since", "1")
     try:
-        subscribed = subscriber.until("subscribed", topic="log")
-        assert subscribed["seq"] == 3 and subscribed["recovered"] is True
-        got = [subscriber.frame() for _ in range(2)]
-        assert [(m["type"], m["seq"], m["data"]) for m in got] == [("message", 2, 2), ("message", 3, 3)]
+        assert "subscribed log at seq 3" in subscriber.state("subscribed log")
+        got = [subscriber.message() for _ in range(2)]
+        assert [(m["seq"], m["data"]) for m in got] == [(2, 2), (3, 3)]
     finally:
         assert subscriber.stop() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_cli_subscribe_ack_survives_a_restart_and_exits_0(io_loop, tmp_path, signum):
+    """`subscribe --ack` across a SIGKILL and restart of the server: every
+    message printed once, in order; the signal ends it with 0; the acks
+    moved the user's cursor, so bob's next connection has nothing waiting."""
+    server = ServerProcess(tmp_path).start().wait_ready()
+    env = cli_env(server.port, NOTIFIER_AUTH_JWT_SECRET=SECRET)
+    subscriber = Subscriber(tmp_path, env, "user:bob", "news.x", "--ack")
+    try:
+        subscriber.state("subscribed news.x")
+        for n in (1, 2):
+            for topic in ("user:bob", "news.x"):
+                assert server.request("POST", "/api/publish", {"topic": topic, "data": n})[0] == 200
+        got = [subscriber.message() for _ in range(4)]
+        server.kill()
+        subscriber.state("disconnected")
+        server = ServerProcess(tmp_path, port=server.port, store_path=server.store_path)
+        server.start().wait_ready()
+        subscriber.state("subscribed news.x")
+        for n in (3, 4):
+            for topic in ("user:bob", "news.x"):
+                assert server.request("POST", "/api/publish", {"topic": topic, "data": n})[0] == 200
+        got += [subscriber.message() for _ in range(4)]
+        subscriber.nothing()
+        for topic in ("user:bob", "news.x"):
+            assert [(m["seq"], m["data"]) for m in got if m["topic"] == topic] == [(n, n) for n in (1, 2, 3, 4)]
+        assert subscriber.stop(signum) == 0, "".join(subscriber.stderr)
+        client = await connect(server.port, token("bob", ["news.x"]), welcome=False)
+        try:
+            await client.expect("welcome")
+            subscribed = await client.expect("subscribed")
+            assert subscribed["topic"] == "user:bob" and subscribed["seq"] == 4
+            await client.send({"type": "subscribe", "topic": "news.x", "ref": 1})
+            assert (await client.expect("subscribed"))["ref"] == 1
+            await client.nothing()  # both cursors at 4: no replay
+        finally:
+            client.close()
+    finally:
+        subscriber.stop()
+        server.kill()
 
 
 def assert_fails_with_one_line(result: subprocess.CompletedProcess, *needles: str) -> None:
