@@ -275,8 +275,9 @@ def test_cli_subscribe_since_replays_history(dev_server):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_cli_subscribe_ack_survives_a_restart_and_exits_0(io_loop, tmp_path, signum):
     """`subscribe --ack` across a SIGKILL and restart of the server: every
-    message printed once, in order; the signal ends it with 0; the acks
-    moved the user's cursor, so bob's next connection has nothing waiting."""
+    message printed once, in order, those published while it was away
+    included; the signal ends it with 0; the acks moved the user's cursor,
+    so bob's next connection has nothing waiting."""
     server = ServerProcess(tmp_path).start().wait_ready()
     env = cli_env(server.port, NOTIFIER_AUTH_JWT_SECRET=SECRET)
     subscriber = Subscriber(tmp_path, env, "user:bob", "news.x", "--ack")
@@ -286,14 +287,18 @@ async def test_cli_subscribe_ack_survives_a_restart_and_exits_0(io_loop, tmp_pat
             for topic in ("user:bob", "news.x"):
                 assert server.request("POST", "/api/publish", {"topic": topic, "data": n})[0] == 200
         got = [subscriber.message() for _ in range(4)]
+        # Stopped, the subscriber can only resume once the restarted server
+        # already has 3 and 4: they come from the resumed subscriptions.
+        subscriber.process.send_signal(signal.SIGSTOP)
         server.kill()
-        subscriber.state("disconnected")
         server = ServerProcess(tmp_path, port=server.port, store_path=server.store_path)
         server.start().wait_ready()
-        subscriber.state("subscribed news.x")
         for n in (3, 4):
             for topic in ("user:bob", "news.x"):
                 assert server.request("POST", "/api/publish", {"topic": topic, "data": n})[0] == 200
+        subscriber.process.send_signal(signal.SIGCONT)
+        subscriber.state("disconnected")
+        subscriber.state("subscribed news.x")
         got += [subscriber.message() for _ in range(4)]
         subscriber.nothing()
         for topic in ("user:bob", "news.x"):
