@@ -6,8 +6,11 @@ restarted on the same port and store under it. ``Positions`` and
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +21,8 @@ from notifier.client import (APIError, Backoff, Client, Connected, Disconnected,
                              Message, PublishRequest, Subscribed, SubscriptionRefused,
                              Unauthorized, Unreachable)
 from notifier.client.resume import Positions
-from procs import ServerProcess, free_port, read_history
-from support import API_KEY, api, connect, token
+from procs import ROOT, ServerProcess, free_port, read_history
+from support import API_KEY, api, connect, in_ci, token
 
 FAST = Backoff(initial=0.05, maximum=0.5, stable_after=1.0)
 WAIT = 15.0  # seconds a test waits for what should come
@@ -69,6 +72,46 @@ def test_positions_a_subscription_with_nothing_to_hand_starts_at_its_head_once_s
     fresh.disconnected()
     fresh.synced()
     assert fresh.position("live") == (None, "e")
+
+
+USAGE = """
+import asyncio
+from typing import assert_type
+
+from notifier.client import Client, Disconnected, Event, Message, Published, PublishRequest
+
+
+async def main() -> None:
+    async def fresh_token() -> str:
+        return "jwt"
+
+    def report(event: Event) -> None:
+        if isinstance(event, Disconnected):
+            assert_type(event.code, int | None)
+
+    async with Client("http://127.0.0.1:8765", api_key="key", token=fresh_token) as client:
+        assert_type(await client.publish("news.a", data={"n": 1}), Published)
+        assert_type(await client.publish_batch([PublishRequest(1, user="alice")]), list[Published])
+        async for message in client.subscribe(["news.a"], since=0, on_event=report):
+            assert_type(message, Message)
+            assert_type(message.seq, int | None)
+            await client.ack(message)
+"""
+
+
+def test_the_client_is_fully_typed(tmp_path):
+    """mypy --strict on notifier.client and on code that uses it: no
+    error, and the types a caller sees are the precise ones."""
+    if importlib.util.find_spec("mypy") is None:
+        if in_ci():
+            pytest.fail("mypy is missing (it is in the test extra)")
+        pytest.skip("mypy is not installed")
+    usage = tmp_path / "usage.py"
+    usage.write_text(USAGE)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--no-incremental",
+         "notifier/client", str(usage)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_backoff_is_exponential_with_full_jitter_up_to_its_maximum():
