@@ -116,6 +116,8 @@ class Stream:
         positions = self.positions
         while True:
             item = await self.queue.get()
+            if self.stopping or isinstance(item, _End):
+                return  # close() was called: what is still queued is not handed over
             if self.queue.qsize() < QUEUE_LIMIT:
                 self._room.set()
             if isinstance(item, Message):
@@ -129,8 +131,6 @@ class Stream:
                 continue
             if isinstance(item, _Fatal):
                 raise item.error
-            if isinstance(item, _End):
-                return
             if isinstance(item, Subscribed):
                 positions.subscribed(item.topic, item.seq, item.epoch)
             elif isinstance(item, Disconnected):
