@@ -221,8 +221,6 @@ class Stream:
                 delay = self.backoff.delay(attempt)
                 self.emit(Disconnected(code, reason, delay))
                 await asyncio.sleep(delay)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # NotifierError, or the caller's token function failing
             self.emit(_Fatal(exc))
 
