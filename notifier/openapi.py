@@ -147,7 +147,7 @@ def build() -> dict:
             ],
         )},
         "/api/topics/{topic}/presence": {"get": _operation(
-            "Users and connections of this process subscribed to the topic",
+            "Users and connections subscribed to the topic, on every node",
             {
                 "200": {"description": "presence", **_json({
                     "type": "object", "required": ["users", "connections"], "properties": {
@@ -155,36 +155,47 @@ def build() -> dict:
                         "connections": {"type": "integer", "minimum": 0}}})},
                 "400": _error("invalid topic name", protocol.INVALID_TOPIC),
                 "401": UNAUTHORIZED,
-                "503": _error(DRAINING, protocol.UNAVAILABLE, retry_after=True),
+                "503": _error(DRAINING + "; or presence is unavailable (Redis)",
+                              protocol.UNAVAILABLE, retry_after=True),
             },
             operationId="presence",
             parameters=[_topic_parameter("the topic")],
         )},
         "/api/users/{user}/disconnect": {"post": _operation(
-            "Close the user's connections on this process with 4001 (revokes nothing)",
+            "Close the user's connections on every node with 4001 (revokes nothing)",
             {
-                "200": {"description": "how many connections were closed", **_json({
+                "200": {"description": "how many connections the user had, cluster-wide",
+                        **_json({
                     "type": "object", "required": ["user", "disconnected"], "properties": {
                         "user": USER, "disconnected": {"type": "integer", "minimum": 0}}})},
                 "400": _error("invalid user id", protocol.BAD_REQUEST),
                 "401": UNAUTHORIZED,
-                "503": _error(DRAINING, protocol.UNAVAILABLE, retry_after=True),
+                "503": _error(DRAINING + "; or presence is unavailable (Redis)",
+                              protocol.UNAVAILABLE, retry_after=True),
             },
             operationId="disconnect",
             parameters=[{"name": "user", "in": "path", "required": True, "schema": USER}],
         )},
         "/api/stats": {"get": _operation(
-            "Counters of this process",
+            "Counters of this node, and cluster-wide figures from presence",
             {
                 "200": {"description": "counters", **_json({
                     "type": "object",
-                    "required": ["connections", "users", "topics", "subscriptions",
-                                 "messages_in", "messages_out"],
-                    "properties": {name: {"type": "integer", "minimum": 0} for name in (
-                        "connections", "users", "topics", "subscriptions", "messages_in",
-                        "messages_out")}})},
+                    "required": ["node", "connections", "users", "topics", "subscriptions",
+                                 "messages_in", "messages_out", "cluster"],
+                    "properties": {
+                        "node": {"type": "string"},
+                        **{name: {"type": "integer", "minimum": 0} for name in (
+                            "connections", "users", "topics", "subscriptions", "messages_in",
+                            "messages_out")},
+                        "cluster": {
+                            "type": "object", "required": ["nodes", "connections", "users"],
+                            "properties": {name: {"type": "integer", "minimum": 0}
+                                           for name in ("nodes", "connections", "users")}},
+                    }})},
                 "401": UNAUTHORIZED,
-                "503": _error(DRAINING, protocol.UNAVAILABLE, retry_after=True),
+                "503": _error(DRAINING + "; or presence is unavailable (Redis)",
+                              protocol.UNAVAILABLE, retry_after=True),
             },
             operationId="stats",
         )},
