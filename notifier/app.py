@@ -8,6 +8,7 @@ from typing import Any
 import tornado.web
 
 from notifier import logs
+from notifier.admission import Admission
 from notifier.auth import ApiKeys, TokenVerifier
 from notifier.broker.base import Broker
 from notifier.config import Config
@@ -37,6 +38,7 @@ class Services:
     api_keys: ApiKeys
     metrics: Metrics
     flusher: Flusher
+    admission: Admission
     log: Any = field(default_factory=logs.get)
     draining: bool = False
     publish_buckets: dict[str, TokenBucket] = field(default_factory=dict)
@@ -65,6 +67,7 @@ def build_services(config: Config, store: Store, broker: Broker) -> Services:
         api_keys=ApiKeys(config.auth.api_keys),
         metrics=metrics,
         flusher=flusher,
+        admission=Admission(config.limits),
     )
 
 

@@ -86,6 +86,11 @@ class LimitsConfig:
     commands_per_second: float = _f(FLOAT, 100.0)
     commands_burst: int = _f(INT, 200)
     publishes_per_second: float = _f(FLOAT, 0.0)
+    max_connections: int = _f(INT, 0)
+    max_connecting: int = _f(INT, 1000)
+    connections_per_user: int = _f(INT, 100)
+    subscriptions_per_connection: int = _f(INT, 200)
+    handshake_timeout: float = _f(DURATION, 10.0)
 
 
 @dataclass
@@ -292,6 +297,12 @@ def validate(config: Config) -> None:
         bad("limits.commands_burst", "must be at least 1")
     if config.limits.publishes_per_second < 0:
         bad("limits.publishes_per_second", "must not be negative (0 means unlimited)")
+    for key in ("max_connections", "max_connecting", "connections_per_user",
+                "subscriptions_per_connection"):
+        if getattr(config.limits, key) < 0:
+            bad(f"limits.{key}", "must not be negative (0 means unlimited)")
+    if config.limits.handshake_timeout <= 0:
+        bad("limits.handshake_timeout", "must be positive")
     if config.log.level.lower() not in LOG_LEVELS:
         bad("log.level", f"must be one of {', '.join(LOG_LEVELS)}")
     config.log.level = config.log.level.lower()

@@ -109,8 +109,11 @@ class Server:
         # A JWKS that cannot be fetched is logged (jwks.fetch_failed) and retried;
         # the service starts anyway: the HTTP API does not need it.
         await services.verifier.start()
+        # idle_connection_timeout bounds how long a connection may take to
+        # send its request headers (a handshake), and idle keep-alive time.
         http = HTTPServer(make_app(services), xheaders=config.server.xheaders,
-                          max_body_size=config.limits.max_body_bytes + BODY_SLACK)
+                          max_body_size=config.limits.max_body_bytes + BODY_SLACK,
+                          idle_connection_timeout=config.limits.handshake_timeout)
         try:
             # Workers share the port; the kernel spreads connections among them.
             sockets = bind_sockets(config.server.port, config.server.host,

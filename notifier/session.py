@@ -204,6 +204,14 @@ class Session:
             self._error(ProtocolError(protocol.FORBIDDEN,
                                       f"not allowed to subscribe to {command.topic}", command.ref))
             return
+        most = self.config.limits.subscriptions_per_connection
+        held = self.services.hub.peers.get(self, {})
+        if most and len(held) >= most and command.topic not in held:
+            self._error(ProtocolError(
+                protocol.FORBIDDEN, f"this connection holds {len(held)} subscriptions, the "
+                "most limits.subscriptions_per_connection allows; unsubscribe first",
+                command.ref))
+            return
         await self._subscribe(command.topic, command.since, command.epoch, command.ref)
 
     async def _subscribe(self, topic: str, since: int | None, epoch: str | None,

@@ -72,6 +72,11 @@ ENV_CASES = [
     ("limits.commands_per_second", "7", 7.0),
     ("limits.commands_burst", "9", 9),
     ("limits.publishes_per_second", "3", 3.0),
+    ("limits.max_connections", "5000", 5000),
+    ("limits.max_connecting", "50", 50),
+    ("limits.connections_per_user", "3", 3),
+    ("limits.subscriptions_per_connection", "10", 10),
+    ("limits.handshake_timeout", "2s", 2.0),
     ("log.level", "warning", "warning"),
 ]
 

@@ -37,6 +37,8 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         self.session: Session | None = None
         self.id = uuid.uuid4().hex[:16]
         self.compressed = False
+        self.admitted: str | None = None  # the user this connection is counted for
+        self.settled = False
 
     # Handshake
 
@@ -87,12 +89,33 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
 
     def _require_upgrade(self) -> None:
         # Other methods go on to Tornado's 405 (with Allow: GET).
-        if self.request.method == "GET" and \
-                self.request.headers.get("Upgrade", "").lower() != "websocket":
+        if self.request.method != "GET":
+            return
+        if self.request.headers.get("Upgrade", "").lower() != "websocket":
             self.services.log.debug("connection.not_websocket", path=self.request.path,
                                     ip=self.request.remote_ip)
             return self._refuse(400, "bad_request", "this endpoint speaks WebSocket only "
                                 "(send Upgrade: websocket)")
+        user = self.identity.user
+        refusal = self.services.admission.admit(user)
+        if refusal is not None:
+            self.services.log.info("connection.refused", reason=refusal.message, user=user,
+                                   ip=self.request.remote_ip)
+            self.set_header("Retry-After", str(refusal.retry_after))
+            return self._refuse(refusal.status, refusal.code, refusal.message)
+        self.admitted = user
+
+    def _leave(self) -> None:
+        """Count this connection out of admission, once."""
+        if self.admitted is not None:
+            self.services.admission.left(self.admitted, self.settled)
+            self.admitted = None
+
+    def on_finish(self) -> None:
+        # A handshake that failed after admission (Tornado answered 400 or
+        # similar) never opens; an upgraded one (101) is counted out on close.
+        if self.get_status() != 101:
+            self._leave()
 
     def check_origin(self, origin: str) -> bool:
         # Decided in open() instead, so a refused browser sees close code 4003.
@@ -137,6 +160,9 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         self.request.uri, self.request.query = self.request.path, ""  # the raw query held the token too
         self.request.connection = None  # the HTTP/1 connection; the stream was detached from it
         await self.session.start()
+        if self.admitted is not None:
+            self.settled = True
+            self.services.admission.settled()
 
     def on_message(self, message: str | bytes) -> Awaitable[None] | None:
         # Tornado reads the next frame only once a returned awaitable is done.
@@ -150,6 +176,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
             self.outbox.discard()
         if self.session is not None:
             self.session.ended(self.close_code, self.close_reason)
+        self._leave()
 
     def _on_overflow(self) -> None:
         self.session.overflowed()

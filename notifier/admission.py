@@ -1,0 +1,70 @@
+"""Whether a new WebSocket connection may open now, and the counts behind it.
+
+A connection is counted from its handshake (once its token is good) until
+it closes, and as *connecting* until its setup is done: welcome sent and
+its personal topic's queue replayed. Connecting ones cost the most (a
+store read, a replay, parked live messages), so during a reconnect storm
+their number is capped: past ``limits.max_connecting``, or past
+``limits.max_connections`` open in all, a handshake gets 503 with
+Retry-After rather than waiting for a turn. One user may hold at most
+``limits.connections_per_user`` on this node (429). A zero limit is no limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from notifier import protocol
+from notifier.config import LimitsConfig
+
+RETRY_AFTER = 1  # seconds a refused handshake is told to wait
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    status: int
+    code: str
+    message: str
+    retry_after: int
+
+
+class Admission:
+    def __init__(self, limits: LimitsConfig):
+        self.limits = limits
+        self.open = 0
+        self.connecting = 0
+        self.per_user: dict[str, int] = {}
+
+    def admit(self, user: str) -> Refusal | None:
+        """Count a new connection of ``user`` in, or say why not."""
+        limits = self.limits
+        if limits.max_connections and self.open >= limits.max_connections:
+            return Refusal(503, protocol.UNAVAILABLE, "server is at its connection limit "
+                           f"({limits.max_connections}); retry", RETRY_AFTER)
+        if limits.max_connecting and self.connecting >= limits.max_connecting:
+            return Refusal(503, protocol.UNAVAILABLE, "too many connections are being set up "
+                           "at once; retry", RETRY_AFTER)
+        held = self.per_user.get(user, 0)
+        if limits.connections_per_user and held >= limits.connections_per_user:
+            return Refusal(429, protocol.RATE_LIMITED, f"{held} connections already open for "
+                           f"this user, the most limits.connections_per_user allows",
+                           RETRY_AFTER)
+        self.open += 1
+        self.connecting += 1
+        self.per_user[user] = held + 1
+        return None
+
+    def settled(self) -> None:
+        """An admitted connection finished its setup."""
+        self.connecting -= 1
+
+    def left(self, user: str, settled: bool) -> None:
+        """An admitted connection closed (``settled``: after its setup)."""
+        self.open -= 1
+        if not settled:
+            self.connecting -= 1
+        held = self.per_user[user] - 1
+        if held:
+            self.per_user[user] = held
+        else:
+            del self.per_user[user]
