@@ -496,7 +496,7 @@ def _resolve(outcomes: list) -> None:
             try:
                 job.on_done(result)  # even for a caller that gave up: the work is committed
             except Exception:  # noqa: BLE001 - the other jobs of the group must resolve
-                _log.exception("store.on_durable_failed")
+                _log.error("store.on_durable_failed", exc_info=True)
         if job.future.done():
             continue  # the caller gave up (cancelled); the work is committed regardless
         if error is not None:

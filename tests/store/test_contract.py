@@ -287,6 +287,18 @@ async def test_on_durable_runs_even_when_the_caller_gave_up(open_store):
     assert await seqs_of(store, "t") == [1, 2]
 
 
+async def test_a_failing_on_durable_harms_no_one(open_store):
+    store = await open_store()
+
+    def fail(result) -> None:
+        raise RuntimeError("a broken hand-off")
+
+    first, second = await asyncio.wait_for(asyncio.gather(
+        store.append([draft("t", 1)], fail), store.append([draft("t", 2)])), 10)
+    assert [first.receipts[0].seq, second.receipts[0].seq] == [1, 2]
+    assert await seqs_of(store, "t") == [1, 2]
+
+
 # Cursors
 
 
