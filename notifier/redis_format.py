@@ -40,7 +40,9 @@ def cursors_key(topic: str) -> str:
 
 
 def idempotency_key(topic: str, key: str) -> str:
-    """String, expiring after the idempotency window: ``<seq> <id> <time>``."""
+    """String, expiring after the idempotency window: ``<seq> <epoch> <id>
+    <time>``, the first receipt and the epoch it was given in (a key from a
+    log that is gone is not a repeat)."""
     return f"{PREFIX}{{{topic}}}:idem:{key}"
 
 

@@ -1,7 +1,8 @@
-"""The Store contract (notifier/store/base.py), checked on real files.
-
-Every implementation must pass these; the ``open_store`` fixture is
-parametrized by backend (only the embedded SQLite store exists today)."""
+"""The Store contract (notifier/store/base.py), checked on real things:
+every test runs on the SQLite store (a file in tmp_path) and on the Redis
+store (a redis-server of the test's own). Tests about SQLite files only
+are marked ``sqlite_only``; the Redis store's own equivalents are in
+tests/store/test_redis.py."""
 
 from __future__ import annotations
 
@@ -14,29 +15,55 @@ import pytest
 
 from notifier.messages import Draft
 from notifier.store.base import Position, Receipt, SeqAboveHead, Store, StoreError
+from notifier.store.redis import RedisStore
 from notifier.store.sqlite import SQLiteStore
 
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+sqlite_only = pytest.mark.parametrize("open_store", ["sqlite"], indirect=True)
 
 
 def draft(topic: str, value, key: str | None = None, event: str | None = None) -> Draft:
     return Draft(topic, orjson.dumps(value), event, key)
 
 
-@pytest.fixture(params=["sqlite"])
-def open_store(request, io_loop, tmp_path):
+class Opener:
     """``await open_store(name, max_messages=..., max_age=...)``: an opened
-    store on a file in tmp_path (the same name reopens the same file)."""
-    opened = []
+    store; the same name reopens the same store (an SQLite file in tmp_path,
+    or a database of the test's redis-server), a new name is a new one."""
 
-    async def open_store(name: str = "notifier.db", **retention):
-        store = SQLiteStore(tmp_path / name, **retention)
+    def __init__(self, backend: str, tmp_path, redis_server):
+        self.backend = backend
+        self.tmp_path = tmp_path
+        self.redis_server = redis_server
+        self.databases: dict[str, int] = {}
+        self.opened: list[Store] = []
+
+    async def __call__(self, name: str = "notifier.db", **retention) -> Store:
+        if self.backend == "sqlite":
+            store = SQLiteStore(self.tmp_path / name, **retention)
+        else:
+            database = self.databases.setdefault(name, len(self.databases))
+            store = RedisStore(f"redis://127.0.0.1:{self.redis_server.port}/{database}",
+                               **retention)
         await store.open()
-        opened.append(store)
+        self.opened.append(store)
         return store
 
-    yield open_store
-    for store in opened:
+    async def age_retention(self, store: Store) -> None:
+        """Whatever the backend needs before reads reflect age retention:
+        SQLite applies it in a pass every 30 s (run now); Redis in every
+        read and append (nothing to do)."""
+        if isinstance(store, SQLiteStore):
+            await store.prune_now()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def open_store(request, io_loop, tmp_path):
+    redis_server = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    opener = Opener(request.param, tmp_path, redis_server)
+    yield opener
+    for store in opener.opened:
         io_loop.run_sync(store.close)
 
 
@@ -116,8 +143,15 @@ async def test_head_oldest_epoch_after_appends(open_store):
     history = await store.read_since("t", 1, 100)
     assert (history.head, history.oldest) == (3, 1)
     assert [m.seq for m in history.messages] == [2, 3]
-    other = await store.read_since("u", 0, 100)
-    assert other.epoch == history.epoch
+
+
+async def test_the_epoch_read_before_the_first_append_is_the_one_it_keeps(open_store):
+    store = await open_store()
+    before = await store.read_since("u", 0, 100)
+    assert (await store.positions(["u"]))["u"] == Position(0, before.epoch)
+    result = await store.append([draft("u", 1)])
+    assert result.stored[0].epoch == before.epoch
+    assert (await store.read_since("u", 0, 100)).epoch == before.epoch
 
 
 async def test_epoch_is_stable_across_reopen_and_differs_for_a_new_log(open_store):
@@ -158,7 +192,7 @@ async def test_retention_by_max_age(open_store):
     await store.append([draft("u", 1)])
     await asyncio.sleep(0.6)
     await store.append([draft("t", 3)])
-    assert await store.prune_now() == 3
+    await open_store.age_retention(store)
     history = await store.read_since("t", 0, 100)
     assert [m.seq for m in history.messages] == [3]
     assert (history.head, history.oldest) == (3, 3)
@@ -457,6 +491,7 @@ async def test_reopening_after_retention_keeps_the_head(open_store):
     assert (await store.append([draft("t", 9)])).receipts[0].seq == 5
 
 
+@sqlite_only
 async def test_a_file_that_is_not_sqlite_is_refused_and_left_untouched(open_store, tmp_path):
     path = tmp_path / "junk.db"
     content = b"this is not a database, it is a text file\n" * 200
@@ -468,6 +503,7 @@ async def test_a_file_that_is_not_sqlite_is_refused_and_left_untouched(open_stor
     assert path.read_bytes() == content
 
 
+@sqlite_only
 async def test_a_newer_schema_is_refused_and_left_untouched(open_store, tmp_path):
     path = tmp_path / "future.db"
     db = sqlite3.connect(path)
