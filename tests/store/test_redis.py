@@ -59,6 +59,13 @@ def one_line(error: BaseException) -> str:
     return message
 
 
+async def until(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        await asyncio.sleep(0.01)
+
+
 async def seqs_of(store, topic: str) -> list[int]:
     return [m.seq for m in (await store.read_since(topic, 0, 100000)).messages]
 
@@ -153,15 +160,12 @@ async def test_every_acknowledged_append_survives_a_sigkill(open_store, redis_se
                 acked[result.receipts[0].id] = result.receipts[0].seq
 
     publishers = [asyncio.ensure_future(publisher(f"p{i}")) for i in range(4)]
-    while len(acked) < 200:
-        await asyncio.sleep(0.01)
+    await until(lambda: len(acked) >= 200, "200 appends")
     redis_server.kill()
-    while not failures:
-        await asyncio.sleep(0.01)
+    await until(lambda: failures, "a failure")
     redis_server.start()
     before = len(acked)
-    while len(acked) < before + 100:  # the store recovered by itself
-        await asyncio.sleep(0.01)
+    await until(lambda: len(acked) >= before + 100, "the store recovering by itself")
     stop.set()
     await asyncio.gather(*publishers)
     redis_server.kill()
