@@ -287,6 +287,19 @@ async def test_a_batch_across_topics_is_atomic(open_store, raw):
     assert [(r.topic, r.seq) for r in result.receipts] == [("t", 2), ("u", 2), ("v", 2)]
 
 
+async def test_a_script_refused_inside_a_pipeline_harms_no_other_job(open_store, raw):
+    store = await open_store()
+    await store.append([draft("v", "before")])
+    await raw.set(redis_format.log_key("v"), "in the way")
+    outcomes = await asyncio.gather(store.append([draft("t", 1)]), store.append([draft("v", 1)]),
+                                    store.set_cursor("alice", "t", 1),
+                                    store.append([draft("t", 2)]), return_exceptions=True)
+    assert isinstance(outcomes[1], StoreError)
+    assert [outcomes[0].receipts[0].seq, outcomes[3].receipts[0].seq] == [1, 2]
+    assert await store.get_cursor("alice", "t") == Position(
+        1, (await store.read_since("t", 0, 0)).epoch)
+
+
 # Retention and expiry
 
 
