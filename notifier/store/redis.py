@@ -50,6 +50,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -420,20 +421,35 @@ class RedisStore(Store):
 
     async def _commit(self, jobs: list[_Job]) -> None:
         started = time.perf_counter()
-        pipe = self._writes.pipeline(transaction=False)
-        for job in jobs:
-            pipe.evalsha(self._shas[job.script], len(job.keys), *job.keys, *job.args)
+        # The pipeline by hand: packed by hiredis into one buffer, sent in
+        # one write, its replies read in order. redis-py's Pipeline object
+        # costs about a third more CPU per append for the same round trip.
+        pool = self._writes.connection_pool
+        replies: list[Any] = []
+        lost: StoreError | None = None
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            connection = await pool.get_connection()  # a new one if the last one died
+            try:
+                await connection.send_packed_command(b"".join(
+                    hiredis.pack_command(("EVALSHA", self._shas[job.script], len(job.keys),
+                                          *job.keys, *job.args))
+                    for job in jobs), check_health=False)
+                for _ in jobs:
+                    try:
+                        replies.append(await connection.read_response())
+                    except ResponseError as error:  # this job's own error; the rest go on
+                        replies.append(error)
+            finally:
+                await pool.release(connection)
         except (RedisError, OSError) as exc:
-            failure = self._failure(exc)
-            _resolve([(job, None, failure) for job in jobs])
-            return
+            # The jobs without a reply may or may not have run: they fail
+            # (never sent again), the ones answered before keep their answer.
+            lost = self._failure(exc)
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         missing: list[_Job] = []
         for job, reply in zip(jobs, replies):
             if isinstance(reply, NoScriptError) and not job.noscript:
-                # Redis lost its script cache (a restart): nothing ran; send it again.
+                # Redis forgot its scripts (a restart): this one did not run; send it again.
                 job.noscript = True
                 missing.append(job)
             elif isinstance(reply, Exception):
@@ -443,6 +459,7 @@ class RedisStore(Store):
                     outcomes.append((job, job.finish(reply), None))
                 except StoreError as exc:
                     outcomes.append((job, None, exc))
+        outcomes += [(job, None, lost) for job in jobs[len(replies):]]
         if self.commit_observer is not None:
             self.commit_observer(time.perf_counter() - started, len(jobs))
         # One step for the whole pipeline, in its order: Redis's commit order.
