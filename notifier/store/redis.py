@@ -357,17 +357,19 @@ class RedisStore(Store):
         appendonly = settings.get("appendonly", "")
         fsync = settings.get("appendfsync", "")
         if appendonly == "yes" and fsync == "always":
-            survives = "a Redis crash and a power loss: each write is fsynced before the answer"
+            survives = ("a Redis crash and a power loss: Redis fsyncs each write before it "
+                        "answers")
         elif appendonly == "yes" and fsync == "everysec":
-            survives = ("a Redis crash; a machine crash or power loss can lose up to about "
-                        "the last second of acknowledged writes")
+            survives = ("all but the last second or so: a crash of Redis or of the machine "
+                        "can lose up to about a second of acknowledged writes (two when the "
+                        "disk stalls)")
         elif appendonly == "yes":
-            survives = ("a Redis crash; a machine crash or power loss can lose whatever the "
-                        "OS had not yet written (appendfsync no)")
+            survives = ("a Redis crash, mostly; a machine crash or power loss loses what the "
+                        "OS had not written yet (appendfsync no: up to about 30 s on Linux)")
         elif settings.get("save"):
-            survives = "nothing certain: a restart loses every write since the last RDB snapshot"
+            survives = "not a restart: it loses every write since the last RDB snapshot"
         else:
-            survives = "nothing: no AOF and no snapshots, a restart loses everything"
+            survives = "nothing: with no AOF and no snapshots a restart loses everything"
         _log.info("store.redis_durability", where=self._where(), appendonly=appendonly,
                   appendfsync=fsync, survives=survives)
         policy = settings.get("maxmemory-policy", "")
