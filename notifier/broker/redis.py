@@ -262,18 +262,21 @@ class RedisBroker(Broker):
             delay = min(delay * 2, RECONNECT_MOST)
 
     async def _read(self, connection, recovering: set[str]) -> None:
-        listener = self._listener
         control = redis_format.CONTROL_CHANNEL.encode()
         while True:
             response = await connection.read_response(timeout=math.inf)
             kind = response[0]
             if kind == b"message":
                 name, payload = response[1], response[2]
-                if name == control:
-                    listener.control(orjson.loads(payload))
-                else:
-                    topic = redis_format.topic_of_channel(name)
-                    listener.deliver((redis_format.decode_bus(topic, payload),))
+                try:
+                    if name == control:
+                        self._listener.control(orjson.loads(payload))
+                    else:
+                        topic = redis_format.topic_of_channel(name)
+                        self._listener.deliver((redis_format.decode_bus(topic, payload),))
+                except Exception as exc:  # noqa: BLE001 - one bad message must not stop the bus
+                    self.log.error("broker.message_failed", channel=name.decode(errors="replace"),
+                                   error=repr(exc))
             elif kind == b"subscribe":
                 name = response[1]
                 if name == control:
