@@ -4,8 +4,12 @@ WebSocket clients that speak JSON."""
 
 from __future__ import annotations
 
+import io
+import logging
+
 import pytest
 
+from notifier import logs
 from notifier.app import build_services, make_app
 from notifier.broker.local import LocalBroker
 from notifier.config import Config
@@ -67,3 +71,21 @@ def redis_server(tmp_path):
     """A redis-server of this test's own (AOF, appendfsync always) on a free port."""
     with RedisServer(tmp_path) as server:
         yield server
+
+
+@pytest.fixture
+def captured():
+    """Every log line (ours, Tornado's, the stdlib's) goes to a StringIO; the
+    logging setup in force before is put back afterwards."""
+    saved_logs = logs.settings()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    access = logging.getLogger("tornado.access")
+    saved_access_level = access.level
+    stream = io.StringIO()
+    logs.configure("debug", stream=stream)
+    yield stream
+    logs.configure(*saved_logs)
+    root.handlers[:] = saved_handlers
+    root.setLevel(saved_level)
+    access.setLevel(saved_access_level)

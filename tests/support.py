@@ -104,6 +104,17 @@ async def api(port: int, method: str, path: str, body=None, key: str | None = AP
     return response.code, parsed
 
 
+def lines(stream) -> list[dict]:
+    """Every line captured from the log (the ``captured`` fixture), each
+    parsed as one JSON object."""
+    parsed = []
+    for line in stream.getvalue().splitlines():
+        value = orjson.loads(line)  # raises if a line is not JSON
+        assert isinstance(value, dict), line
+        parsed.append(value)
+    return parsed
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
 

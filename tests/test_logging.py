@@ -13,37 +13,9 @@ import pytest
 import tornado.httpclient
 
 from notifier import logs
-from support import API_KEY, api, connect, token
+from support import API_KEY, api, connect, lines, token
 
 WRONG_KEY = "wrong-key-0123456789"
-
-
-@pytest.fixture
-def captured():
-    """Every log line (ours, Tornado's, the stdlib's) goes to a StringIO; the
-    logging setup in force before is put back afterwards."""
-    saved_logs = logs.settings()
-    root = logging.getLogger()
-    saved_handlers, saved_level = root.handlers[:], root.level
-    access = logging.getLogger("tornado.access")
-    saved_access_level = access.level
-    stream = io.StringIO()
-    logs.configure("debug", stream=stream)
-    yield stream
-    logs.configure(*saved_logs)
-    root.handlers[:] = saved_handlers
-    root.setLevel(saved_level)
-    access.setLevel(saved_access_level)
-
-
-def lines(stream: io.StringIO) -> list[dict]:
-    """Every captured line, each parsed as one JSON object."""
-    parsed = []
-    for line in stream.getvalue().splitlines():
-        value = orjson.loads(line)  # raises if a line is not JSON
-        assert isinstance(value, dict), line
-        parsed.append(value)
-    return parsed
 
 
 async def wait_for_event(stream: io.StringIO, event: str, count: int = 1, timeout: float = 3.0) -> None:
@@ -150,3 +122,4 @@ async def test_log_level_filters_our_events_and_stdlib_ones(captured):
     logging.getLogger("tornado.general").error("loud too")
     assert [(r["event"], r["level"]) for r in lines(captured)] == [
         ("loud.event", "warning"), ("loud too", "error")]
+
