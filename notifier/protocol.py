@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -19,6 +20,14 @@ from notifier.topics import is_valid_topic
 MAX_EVENT_LENGTH = 100
 MAX_EPOCH_LENGTH = 100
 MAX_SEQ = 2**63 - 1  # SQLite's INTEGER range; no topic gets near it
+# An integer ref is echoed in every reply: it must fit in a signed 64-bit
+# integer, which every JSON encoder can write back exactly.
+MIN_REF, MAX_REF = -2**63, 2**63 - 1
+# Arrays and objects nest at most this deep: in a whole frame or request body
+# (the outer object counts), and in a message's ``data`` on its own. The
+# parsers (orjson and the stdlib's) never get near their own limits.
+MAX_DEPTH = 64
+MAX_DATA_DEPTH = 32
 
 # Error codes (SPEC "Server -> client").
 BAD_REQUEST = "bad_request"
@@ -112,17 +121,64 @@ def _require_topic(body: dict, ref: Ref) -> str | ProtocolError:
     return topic
 
 
-# orjson reads integers wider than 64 bits as floats, silently losing digits;
-# text with 20+ digits in a row goes through the exact (slower) stdlib parser.
-# Mapping every digit to "1" and everything else to " " finds such a run an
-# order of magnitude faster than a regular expression.
-_DIGITS_AS_ONES = bytes(ord("1") if chr(c).isdigit() and c < 128 else ord(" ") for c in range(256))
+class WireError(ValueError):
+    """Text the wire refuses; ``str()`` completes "frame ..." or "body ..."."""
+
+
+# orjson reads integers outside [-2**63, 2**64 - 1] as floats, silently
+# losing digits: text that may hold one (a run of 20 digits, or a minus sign
+# and 19) goes through the exact (slower) stdlib parser. Mapping digits to
+# "1", "-" to itself and everything else to " " finds such a run an order of
+# magnitude faster than a regular expression.
+_DIGIT_MARKS = bytes(ord("1") if chr(c).isdigit() and c < 128 else ord("-") if c == ord("-")
+                     else ord(" ") for c in range(256))
 _TWENTY_DIGITS = b"1" * 20
+_NEGATIVE_NINETEEN = b"-" + b"1" * 19
 
 
-def _has_long_digit_run(text: str | bytes) -> bool:
-    raw = text if isinstance(text, bytes) else text.encode()
-    return _TWENTY_DIGITS in raw.translate(_DIGITS_AS_ONES)
+def _may_hold_wide_integer(raw: bytes) -> bool:
+    marks = raw.translate(_DIGIT_MARKS)
+    return _TWENTY_DIGITS in marks or _NEGATIVE_NINETEEN in marks
+
+
+# Nesting is measured on the text, before either parser recurses into it,
+# in a few passes that each run in C, in linear time on any input.
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_NOT_STRUCTURE = bytes(c for c in range(256) if c not in b'"[]{}')
+_BRACKETS = bytes.maketrans(b"[{]}", b"(())")
+_NOT_OPENINGS = bytes(c for c in range(256) if c not in b"[{")
+
+
+def nests_deeper_than(raw: bytes, limit: int) -> bool:
+    """True when arrays and objects in the JSON text ``raw`` nest more than
+    ``limit`` deep. Exact for valid JSON; for invalid text, never below the
+    depth a parser would reach before giving up."""
+    if len(raw.translate(None, _NOT_OPENINGS)) <= limit:
+        return False  # never deeper than its number of openings
+    if b"\\" in raw:
+        raw = _ESCAPE.sub(b"", raw)  # so that an escaped quote cannot end a string
+    # Only quotes and brackets are kept; strings without brackets become "".
+    marks = raw.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in marks:
+        # Brackets inside strings: with escapes gone, quotes pair up, and
+        # every other piece between them is inside a string.
+        marks = b"".join(marks.split(b'"')[::2])
+    marks = marks.translate(_BRACKETS)
+    # Each round peels the innermost pairs: one level of nesting.
+    depth = 0
+    while True:
+        peeled = marks.replace(b"()", b"")
+        if len(peeled) == len(marks):
+            break
+        marks, depth = peeled, depth + 1
+        if depth > limit:
+            return True
+    # Invalid text leaves ")))(((": its unclosed openings hold what was peeled.
+    return depth + marks.count(b"(") > limit
+
+
+# A surrogate can only arrive as a \u escape (the text itself is UTF-8).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _no_constants(name: str):
@@ -137,16 +193,42 @@ def _finite_float(text: str) -> float:
 
 
 def loads(text: str | bytes):
-    """Parse JSON exactly; raises ValueError (JSONDecodeError) when invalid."""
-    if _has_long_digit_run(text):
-        return json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
-    return orjson.loads(text)
+    """Parse one frame or body by the wire's rules, or raise WireError: UTF-8
+    JSON with no lone surrogate (nothing could store or send it back), no
+    NaN or infinite number, nested at most MAX_DEPTH deep, and integers of
+    any size (up to Python's 4300 digits) kept exact."""
+    try:
+        raw = text.encode() if isinstance(text, str) else text
+    except UnicodeEncodeError:
+        raise WireError("is not valid UTF-8") from None
+    if nests_deeper_than(raw, MAX_DEPTH):
+        raise WireError(f"nests arrays and objects deeper than {MAX_DEPTH} levels")
+    if not _may_hold_wide_integer(raw):
+        try:
+            return orjson.loads(raw)  # refuses lone surrogates and bad UTF-8 itself
+        except orjson.JSONDecodeError as exc:
+            raise WireError(f"is not valid JSON ({exc})") from None
+    try:
+        # Decoded here, strictly: json.loads would guess UTF-16 or -32 from
+        # the first bytes, and let encoded surrogates through.
+        value = json.loads(raw.decode(), parse_constant=_no_constants, parse_float=_finite_float)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        raise WireError(f"is not valid JSON ({exc})") from None
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(value, ensure_ascii=False, check_circular=False).encode()
+        except UnicodeEncodeError:
+            raise WireError("is not valid JSON (a string holds a lone surrogate)") from None
+    return value
 
 
 def encode_data(data: object, max_bytes: int) -> bytes | ProtocolError:
     """Serialize a message's ``data`` compactly, enforcing the size limit.
 
     Shared by the WebSocket and HTTP paths so both count bytes the same way.
+    ``data`` comes from ``loads``, so it holds no lone surrogate and nests
+    at most MAX_DEPTH deep: the only thing orjson cannot write is an integer
+    wider than 64 bits.
     """
     try:
         encoded = orjson.dumps(data)
@@ -156,6 +238,9 @@ def encode_data(data: object, max_bytes: int) -> bytes | ProtocolError:
         return ProtocolError(
             TOO_LARGE, f"'data' is {len(encoded)} bytes serialized; the limit is {max_bytes}"
         )
+    if nests_deeper_than(encoded, MAX_DATA_DEPTH):
+        return ProtocolError(
+            BAD_REQUEST, f"'data' nests arrays and objects deeper than {MAX_DATA_DEPTH} levels")
     return encoded
 
 
@@ -173,13 +258,13 @@ def parse(text: str | bytes, max_message_bytes: int) -> Command | ProtocolError:
     """Turn one client frame into a command, or the error to answer it with."""
     try:
         body = loads(text)
-    except ValueError:
-        return ProtocolError(BAD_REQUEST, "frame is not valid JSON")
+    except WireError as exc:
+        return ProtocolError(BAD_REQUEST, f"frame {exc}")
     if not isinstance(body, dict):
         return ProtocolError(BAD_REQUEST, "frame must be a JSON object")
     ref = body.get("ref")
-    if ref is not None and not (isinstance(ref, str) or _is_int(ref)):
-        return ProtocolError(BAD_REQUEST, "'ref' must be a string or an integer")
+    if ref is not None and not (isinstance(ref, str) or (_is_int(ref) and MIN_REF <= ref <= MAX_REF)):
+        return ProtocolError(BAD_REQUEST, "'ref' must be a string or a 64-bit signed integer")
     kind = body.get("type")
     if not isinstance(kind, str):
         return ProtocolError(BAD_REQUEST, "'type' must be a string", ref)

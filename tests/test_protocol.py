@@ -234,6 +234,105 @@ class TestTooLarge:
         assert isinstance(body["message"], str) and body["message"]
 
 
+class TestWireRules:
+    """What any frame or body may hold (docs/protocol.md, "JSON on the
+    wire"), the same on the fast orjson path and on the exact stdlib one; a
+    run of 20 digits anywhere sends a text down the exact path."""
+
+    WIDE = ',"n":12345678901234567890'
+
+    @pytest.mark.parametrize("wide", ["", WIDE])
+    @pytest.mark.parametrize("value", ['"\\ud800"', '"\\udfff"', '"a\\udc00b"', '"\\ud800\\ud800"',
+                                       '"\\udc00\\ud800"', '{"\\ud800":1}'])
+    def test_a_lone_surrogate_anywhere_is_refused(self, value, wide):
+        for text in ('{"type":"ping","x":%s%s}' % (value, wide),
+                     '{"type":"publish","topic":"t","data":%s%s}' % (value, wide)):
+            assert error_of(parse(text, MAX))[0] == "bad_request"
+            with pytest.raises(protocol.WireError):
+                protocol.loads(text.encode())
+
+    @pytest.mark.parametrize("wide", ["", WIDE])
+    def test_a_surrogate_pair_and_an_escaped_backslash_are_fine(self, wide):
+        text = '{"type":"publish","topic":"t","data":["\\ud83d\\ude00","\\\\ud800"]%s}' % wide
+        parsed = parse(text, MAX)
+        assert isinstance(parsed, Publish)
+        assert orjson.loads(parsed.data) == ["\U0001f600", "\\ud800"]
+
+    @pytest.mark.parametrize("raw", [b'{"a":"\xed\xa0\x80"}', b'{"a":"\xff"}', b'{"a":"\xc3\x28"}',
+                                     b'\xff\xfe{\x00}\x00', b'{\x00"\x00a\x00"\x00:\x001\x00}\x00'])
+    @pytest.mark.parametrize("wide", [b"", WIDE.encode()])
+    def test_bytes_must_be_utf8(self, raw, wide):
+        text = raw[:-1] + wide + raw[-1:] if raw.endswith(b"}") else raw
+        with pytest.raises(protocol.WireError):
+            protocol.loads(text)
+
+    @pytest.mark.parametrize("ref", [2**63, 2**64, -2**63 - 1, 10**30])
+    def test_an_integer_ref_must_fit_in_64_bits(self, ref):
+        assert error_of(parse('{"type":"ping","ref":%d}' % ref, MAX)) == ("bad_request", None)
+
+    @pytest.mark.parametrize("ref", [2**63 - 1, -2**63])
+    def test_64_bit_refs_are_echoed_exactly(self, ref):
+        parsed = parse('{"type":"ping","ref":%d}' % ref, MAX)
+        assert parsed == Ping(ref) and protocol.pong(parsed.ref) == b'{"type":"pong","ref":%d}' % ref
+
+    @pytest.mark.parametrize("number", [-9999999999999999999, -2**63 - 1, -2**63, 2**64 - 1, 2**64,
+                                        -10**30, 10**4000, -10**300])
+    def test_integers_are_exact(self, number):
+        for text in ('{"type":"publish","topic":"t","data":%d}' % number,
+                     '{"type":"publish","topic":"t","data":[%d, 1.5]}' % number):
+            parsed = parse(text, 10**6)
+            assert isinstance(parsed, Publish)
+            assert int(parsed.data.strip(b"[]").split(b",")[0]) == number
+
+    @pytest.mark.parametrize("text", ['{"a":1e400}', '{"a":-1e400}', '{"a":NaN}', '{"a":Infinity}',
+                                      '{"a":1%s}' % ("0" * 5000)])
+    @pytest.mark.parametrize("wide", ["", WIDE])
+    def test_numbers_no_double_holds_are_refused(self, text, wide):
+        with pytest.raises(protocol.WireError):
+            protocol.loads(text[:-1] + wide + "}")
+
+
+class TestDepth:
+    def nested(self, depth: int) -> str:
+        return "[" * depth + "]" * depth
+
+    @pytest.mark.parametrize("wide", ["", TestWireRules.WIDE])
+    def test_data_nests_at_most_32_deep(self, wide):
+        at_limit = '{"type":"publish","topic":"t","data":%s%s}' % (self.nested(32), wide)
+        assert isinstance(parse(at_limit, MAX), Publish)
+        over = '{"type":"publish","topic":"t","data":%s%s,"ref":1}' % (self.nested(33), wide)
+        code, ref = error_of(parse(over, MAX))
+        assert (code, ref) == ("bad_request", 1) and "32" in parse(over, MAX).message
+
+    @pytest.mark.parametrize("wide", ["", TestWireRules.WIDE])
+    @pytest.mark.parametrize("depth", [64, 65, 1000, 100_000])
+    def test_a_frame_nests_at_most_64_deep(self, wide, depth):
+        text = '{"type":"ping","x":%s%s}' % (self.nested(depth - 1), wide)
+        result = parse(text, 10**6)
+        if depth <= 64:
+            assert result == Ping()
+        else:
+            assert error_of(result) == ("bad_request", None) and "64" in result.message
+
+    @pytest.mark.parametrize("text, depth", [
+        ("1", 0), ("[]", 1), ("[[],[[]]]", 3), ('{"a":{"b":[1]}}', 3),
+        ('["[[[[", "]]]]", "\\"[["]', 1), ('{"k\\\\":"[[\\\\"}', 1), ('"[[[["', 0),
+    ])
+    def test_depth_is_exact_for_valid_json(self, text, depth):
+        # The bracket count is the quick bound; the scan only runs past it.
+        for limit in (0, 1, 2, 3):
+            raw = text.encode()
+            assert protocol.nests_deeper_than(raw, limit) == (depth > limit), (text, limit)
+
+    @pytest.mark.parametrize("text", ['"' + "[" * 100, '"\\"' + "[" * 100, "[" * 100 + '"',
+                                      '\\' + "[" * 100, '["' + '\\"' * 50 + "[" * 100])
+    def test_invalid_text_is_never_counted_shallower_than_a_parser_gets(self, text):
+        # Unterminated strings and stray escapes: a parser stops at once, or
+        # the scan sees at least the brackets it would walk into.
+        with pytest.raises(protocol.WireError):
+            protocol.loads(text)
+
+
 # Server -> client replies: exact JSON
 
 

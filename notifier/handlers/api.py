@@ -108,8 +108,8 @@ class ApiHandler(JsonHandler):
     def json_body(self) -> Any:
         try:
             return protocol.loads(self.request.body)
-        except ValueError:
-            raise ApiError(400, "bad_request", "body is not valid JSON") from None
+        except protocol.WireError as exc:
+            raise ApiError(400, "bad_request", f"body {exc}") from None
 
 
 def parse_draft(item: Any, max_message_bytes: int) -> Draft | ProtocolError:
