@@ -26,6 +26,11 @@ from notifier.jwks import JwksKeys
 from notifier.topics import is_valid_pattern, is_valid_user, matches_any, owner_of, personal_topic
 
 
+# The last second of year 9999: an ``exp`` beyond it is refused rather than
+# sent back in ``welcome`` or ``authenticated`` as a number no client can hold.
+MAX_EXP = 253402300799
+
+
 class AuthError(Exception):
     """A token that cannot be accepted; the message says why, never the token."""
 
@@ -137,7 +142,10 @@ class TokenVerifier:
             raise AuthError("token algorithm does not match its key")
         return keys[algorithm]
 
-    def verify(self, token: str) -> Identity:
+    def verify(self, token: str | bytes) -> Identity:
+        """The identity a token proves, or AuthError. ``token`` may be the raw
+        bytes of a query argument: bytes that are not UTF-8 are a malformed
+        token like any other."""
         key = self._key_for(token)
         required = ["sub", "exp"]
         if self.audience:
@@ -151,6 +159,8 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError("token not yet valid ('iat' or 'nbf' in the future)") from None
         except jwt.MissingRequiredClaimError as exc:
             raise AuthError(f"token lacks the '{exc.claim}' claim") from None
         except jwt.InvalidAlgorithmError:
@@ -161,14 +171,20 @@ class TokenVerifier:
             raise AuthError("token audience invalid") from None
         except jwt.InvalidIssuerError:
             raise AuthError("token issuer invalid") from None
-        except jwt.InvalidTokenError:
+        except (jwt.InvalidTokenError, ValueError, TypeError, OverflowError, RecursionError):
+            # Besides its own errors, PyJWT lets some through from hostile
+            # headers and claims (e.g. int() of an infinite "exp" in older
+            # versions); any of them is a token that cannot be used.
             raise AuthError("token malformed") from None
         user = claims["sub"]
         if not is_valid_user(user):
             raise AuthError("token 'sub' is not usable in a topic name")
+        expires = int(claims["exp"])  # PyJWT checked that int() takes it
+        if expires > MAX_EXP:
+            raise AuthError("token 'exp' is after the year 9999")
         return Identity(
             user=user,
-            expires=int(claims["exp"]),
+            expires=expires,
             topics=_patterns(claims, "topics"),
             publish=_patterns(claims, "publish"),
         )

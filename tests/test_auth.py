@@ -78,6 +78,45 @@ class TestHS256:
     def test_garbage(self, garbage):
         refused(hs256_verifier(), garbage)
 
+    def test_bytes_tokens_verify_like_text(self):
+        token = sign(claims())
+        assert hs256_verifier().verify(token.encode()) == hs256_verifier().verify(token)
+
+    @pytest.mark.parametrize("raw", [b"\xff", b"\xff.\xfe.\xfd", b"\xed\xa0\x80", b"eyJ\xc3(.a.b"])
+    def test_bytes_that_are_not_utf8_are_malformed(self, raw):
+        with pytest.raises(AuthError, match="^token malformed$"):
+            hs256_verifier().verify(raw)
+
+    @pytest.mark.parametrize("exp", [253402300800, 10**30, 2**64, 1e300])
+    def test_exp_after_year_9999_is_refused(self, exp):
+        assert "9999" in refused(hs256_verifier(), sign(claims(exp=exp)))
+
+    def test_exp_at_the_end_of_year_9999_is_accepted(self):
+        assert hs256_verifier().verify(sign(claims(exp=253402300799))).expires == 253402300799
+
+    @pytest.mark.parametrize("claim", ["iat", "nbf"])
+    @pytest.mark.parametrize("value", [10**30, int(time.time()) + 3600])
+    def test_iat_or_nbf_in_the_future_is_refused(self, claim, value):
+        assert "not yet valid" in refused(hs256_verifier(), sign(claims(**{claim: value})))
+
+    @pytest.mark.parametrize("payload", [
+        '{"sub":"alice","exp":Infinity}', '{"sub":"alice","exp":NaN}', '{"sub":"alice","exp":1e400}',
+        '{"sub":"alice","exp":9999999999,"iat":Infinity}', '{"sub":"alice","exp":9999999999,"nbf":-Infinity}',
+        '{"sub":"alice","exp":"soon"}', '{"sub":"alice","exp":[1]}', '{"sub":["alice"],"exp":9999999999}',
+        '{"sub":"alice","exp":9999999999,"x":%s}' % ("[" * 5000 + "]" * 5000),
+    ])
+    def test_hostile_claims_signed_with_the_right_key_are_refused(self, payload):
+        import hashlib
+        import hmac
+        header = b64url(b'{"alg":"HS256","typ":"JWT"}')
+        body = b64url(payload.encode())
+        mac = hmac.new(SECRET.encode(), f"{header}.{body}".encode(), hashlib.sha256).digest()
+        refused(hs256_verifier(), f"{header}.{body}.{b64url(mac)}")
+
+    def test_a_deeply_nested_header_is_malformed(self):
+        header = b64url(b'{"alg":"HS256","x":' + b"[" * 5000 + b"]" * 5000 + b"}")
+        assert refused(hs256_verifier(), f"{header}.e30.sig") == "token malformed"
+
     def test_tampered_payload(self):
         token = sign(claims(topics=["news.>"]))
         header, _, signature = token.split(".")

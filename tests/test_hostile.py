@@ -6,11 +6,13 @@ tests/test_properties.py throws generated inputs at the same surfaces."""
 from __future__ import annotations
 
 import json
+import time
 
+import jwt as pyjwt
 import pytest
 import tornado.httpclient
 
-from support import API_KEY, api, connect, token
+from support import API_KEY, SECRET, api, connect, token
 
 # A run of 20 digits sends a frame or body through the exact (stdlib) parser,
 # where most of class 1 used to get past the checks.
@@ -118,3 +120,31 @@ async def test_deep_data_is_bad_request_on_both_paths(port, data):
     status, answer = await api(port, "POST", "/api/publish",
                                raw=('{"topic":"news.d","data":%s}' % data).encode())
     assert status == 400 and answer["error"]["code"] == "bad_request", answer
+
+
+# 4. Tokens
+
+
+def signed(**claims) -> str:
+    return pyjwt.encode({"sub": "alice", **claims}, SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize("claims", [
+    {"exp": 10**30}, {"exp": 1e300}, {"exp": 2**64},
+    {"exp": int(time.time()) + 3600, "iat": 10**30},
+    {"exp": int(time.time()) + 3600, "nbf": 10**30},
+])
+async def test_extreme_claims_are_unauthorized_at_the_handshake_and_at_auth(port, claims):
+    with pytest.raises(tornado.httpclient.HTTPClientError) as refused:
+        await connect(port, signed(**claims))
+    assert refused.value.code == 401
+    client = await connect(port, token("alice"))
+    await client.send({"type": "auth", "token": signed(**claims), "ref": 9})
+    await expect_error(client, "unauthorized", 9)
+    await still_open(client)
+
+
+@pytest.mark.parametrize("query", ["token=%FF", "token=%C3%28", "token=%ED%A0%80", "%74oken=%FF.%FE.%FD"])
+async def test_a_token_that_is_not_utf8_is_401_json(port, query):
+    status, body = await api(port, "GET", f"/ws?{query}", key=None)
+    assert status == 401 and body["error"]["code"] == "unauthorized", body

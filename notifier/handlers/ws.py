@@ -42,11 +42,14 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
 
     # Handshake
 
-    def _token(self) -> str | None:
+    def _token(self) -> str | bytes | None:
         header = self.request.headers.get("Authorization", "")
         if header.startswith("Bearer "):
             return header[len("Bearer "):].strip() or None
-        return self.get_query_argument("token", None) or None
+        # The raw bytes, not get_query_argument: a value that is not UTF-8 is
+        # a malformed token (401), not Tornado's 400 for an undecodable argument.
+        values = self.request.query_arguments.get("token")
+        return values[-1] if values and values[-1] else None
 
     def _refuse(self, status: int, code: str, message: str) -> None:
         self.services.metrics.errors.labels(code).inc()
