@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jwt
 
+from notifier import logs
 from notifier.config import AuthConfig, ConfigError
 from notifier.jwks import JwksKeys
 from notifier.topics import is_valid_pattern, is_valid_user, matches_any, owner_of, personal_topic
@@ -90,6 +91,7 @@ class TokenVerifier:
             self.key: str | bytes = Path(config.jwt_public_key_file).read_bytes()
         else:
             self.key = config.jwt_secret
+            logs.hide([config.jwt_secret])
         self.audience = config.audience or None
         self.issuer = config.issuer or None
 
@@ -211,6 +213,7 @@ class ApiKeys:
 
     def __init__(self, keys: list[str]):
         self.keys = [key.encode() for key in keys]
+        logs.hide(keys)  # whatever a key looks like, it never reaches a log line
 
     def accepts(self, authorization: str | None) -> bool:
         if not authorization or not authorization.startswith("Bearer "):

@@ -1,6 +1,8 @@
 """Structured logging: one JSON object per line on stdout, for our events and
-for Tornado's and the standard library's loggers alike. Tokens never appear:
-a last processor scrubs anything that looks like one.
+for Tornado's and the standard library's loggers alike. Tokens and keys never
+appear: a last processor scrubs anything that looks like one, in every field
+and in every message (request lines included), also when it hides behind
+percent-escapes.
 
 The level check is a comparison against a module-level number, done before
 structlog is touched, so a filtered-out event on a hot path costs next to
@@ -12,18 +14,30 @@ import logging
 import re
 import sys
 import threading
-from typing import IO
+from typing import IO, Iterable
+from urllib.parse import unquote
 
 import orjson
 import structlog
 
 _SECRET_KEYS = {"token", "authorization", "api_key", "jwt_secret", "password"}
+REDACTED = "[redacted]"
 _SECRET_PATTERNS = [
-    (re.compile(r"(token=)[^&\s'\"]+"), r"\1[redacted]"),
-    (re.compile(r"(Bearer\s+)[^\s'\"]+", re.IGNORECASE), r"\1[redacted]"),
-    # A bare JWT (three base64url parts) anywhere in text.
-    (re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]+"), "[redacted]"),
+    # name=value, as in a query string, for any name a secret goes by.
+    (re.compile(r"(?i)((?<![a-z0-9_])(?:access_token|token|api_?key|key|jwt|password|secret"
+                r"|authorization)=)[^&\s'\"]+"), r"\1" + REDACTED),
+    (re.compile(r"(?i)(bearer\s+)[^\s'\"]+"), r"\1" + REDACTED),
+    # A JWT anywhere: three base64url parts, the first a JSON object ("ey").
+    (re.compile(r"ey[\w-]{6,}=*\.[\w-]*=*\.[\w-]*=*", re.ASCII), REDACTED),
+    # A development API key (notifier.auth.development_credentials).
+    (re.compile(r"dev-[\w-]{24}", re.ASCII), REDACTED),
 ]
+# The configured API keys and JWT secret, whatever their shape (``hide``).
+_hidden: set[str] = set()
+_hidden_pattern: re.Pattern | None = None
+# Text that matches none of these holds no secret: most values (topics, ids,
+# paths) are let through after this one search.
+_SUSPECT = re.compile(r"(?i)=|bearer|ey[\w-]{6}|dev-|%")
 
 _level = logging.INFO
 _level_name = "info"
@@ -56,14 +70,50 @@ class _Output:
 _output = _Output()
 
 
+def hide(secrets: Iterable[str]) -> None:
+    """Redact these exact strings (API keys, the JWT secret) from every log
+    line from now on, as well as anything shaped like a token."""
+    global _hidden_pattern
+    _hidden.update(secret for secret in secrets if secret)
+    if _hidden:
+        alternatives = "|".join(re.escape(s) for s in sorted(_hidden, key=len, reverse=True))
+        _hidden_pattern = re.compile(alternatives)
+
+
+def _scrub_plain(text: str) -> str:
+    if _hidden_pattern is not None:
+        text = _hidden_pattern.sub(REDACTED, text)
+    if not _SUSPECT.search(text):
+        return text
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def scrub(text: str) -> str:
+    """``text`` with every secret replaced by ``[redacted]``. Percent-escapes
+    are decoded before matching (Tornado decodes ``?%74oken=`` to a token):
+    when the decoded text holds a secret the plain one did not show, the
+    decoded text is returned, scrubbed."""
+    cleaned = _scrub_plain(text)
+    if "%" not in cleaned:
+        return cleaned
+    decoded = cleaned
+    for _ in range(3):  # a few layers of escapes; each one only shortens the text
+        unescaped = unquote(decoded, errors="replace")
+        if unescaped == decoded:
+            break
+        decoded = unescaped
+    scrubbed = _scrub_plain(decoded)
+    return scrubbed if scrubbed != decoded else cleaned
+
+
 def redact(_logger, _method, event_dict: dict) -> dict:
     for key, value in event_dict.items():
         if key in _SECRET_KEYS:
-            event_dict[key] = "[redacted]"
+            event_dict[key] = REDACTED
         elif isinstance(value, str):
-            for pattern, replacement in _SECRET_PATTERNS:
-                value = pattern.sub(replacement, value)
-            event_dict[key] = value
+            event_dict[key] = scrub(value)
     return event_dict
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import time
+from urllib.parse import quote
 
 import jwt as pyjwt
 import pytest
 import tornado.httpclient
 
-from support import API_KEY, SECRET, api, connect, token
+from support import API_KEY, SECRET, api, connect, lines, token
 
 # A run of 20 digits sends a frame or body through the exact (stdlib) parser,
 # where most of class 1 used to get past the checks.
@@ -148,3 +149,30 @@ async def test_extreme_claims_are_unauthorized_at_the_handshake_and_at_auth(port
 async def test_a_token_that_is_not_utf8_is_401_json(port, query):
     status, body = await api(port, "GET", f"/ws?{query}", key=None)
     assert status == 401 and body["error"]["code"] == "unauthorized", body
+
+
+async def test_percent_escaped_secrets_never_reach_the_log(captured, port):
+    jwt = token("alice")
+    signature = jwt.rsplit(".", 1)[1]
+    hidden = jwt.replace(".", "%2E")  # what a client may send; Tornado decodes it to the token
+    requests = [
+        f"/api/topics/news.x/messages?since=%FF&%74oken={hidden}",
+        f"/api/topics/news.x/messages?since=%FF&t%6Fken={quote(jwt, safe='')}",
+        f"/api/topics/news.x/messages?since=%FF&%61pi_key={API_KEY}",
+        f"/api/topics/news.x/messages?since=%FF&x={quote(quote(jwt, safe=''), safe='')}",
+        f"/nowhere/{hidden}",
+        f"/nowhere?k={quote(API_KEY, safe='').replace('-', '%2D')}",
+    ]
+    for path in requests:
+        status, _ = await api(port, "GET", path)
+        assert status in (400, 404), path
+    # The token spelled with escapes still works, and does not show either.
+    status, _ = await api(port, "GET", f"/ws?%74oken={hidden}", key=None)
+    assert status == 400  # a valid token, but not a WebSocket request
+    marker = "/marker-done"
+    await api(port, "GET", marker)
+    text = captured.getvalue()
+    assert marker in text
+    lines(captured)  # every line still JSON
+    assert signature not in text and jwt not in text
+    assert API_KEY not in text and quote(API_KEY, safe="").replace("-", "%2D") not in text

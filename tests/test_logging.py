@@ -123,3 +123,40 @@ async def test_log_level_filters_our_events_and_stdlib_ones(captured):
     assert [(r["event"], r["level"]) for r in lines(captured)] == [
         ("loud.event", "warning"), ("loud too", "error")]
 
+
+class TestScrub:
+    """logs.scrub, which every field of every line goes through."""
+
+    JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXBhcnQ"
+
+    @pytest.mark.parametrize("text", [
+        "GET /ws?token=abc.def", "GET /ws?%74oken=abc.def", "GET /ws?t%6Fk%65n=abc.def",
+        "GET /ws?%2574oken=abc.def", "GET /ws?x=1&TOKEN=abc.def", "?access_token=abc.def",
+        "?api_key=abc.def", "?apikey=abc.def", "?key=abc.def", "?password=abc.def",
+        "?secret=abc.def", "authorization=abc.def", "Authorization: Bearer abc.def",
+        "authorization: bearer abc.def", "Bearer%20abc.def",
+    ])
+    def test_secret_parameters_in_any_spelling(self, text):
+        scrubbed = logs.scrub(text)
+        assert "abc.def" not in scrubbed and "[redacted]" in scrubbed
+
+    @pytest.mark.parametrize("spelling", [
+        JWT, JWT.replace(".", "%2E"), JWT.replace("e", "%65"),
+        "".join(f"%{ord(c):02X}" for c in JWT), JWT.replace(".", "%252E"),
+    ])
+    def test_anything_shaped_like_a_jwt(self, spelling):
+        scrubbed = logs.scrub(f"400 GET /nowhere/{spelling} (127.0.0.1): bad")
+        assert "c2lnbmF0dXJlLXBhcnQ" not in scrubbed and "[redacted]" in scrubbed
+
+    def test_configured_secrets_whatever_their_shape(self):
+        logs.hide(["plain-words-as-a-key", ""])
+        for text in ("x plain-words-as-a-key y", "x plain%2Dwords%2Das%2Da%2Dkey y"):
+            assert "plain-words-as-a-key" not in logs.scrub(text).replace("%2D", "-")
+        assert "dev-" + "a" * 24 not in logs.scrub("key dev-" + "a" * 24)
+
+    @pytest.mark.parametrize("text", [
+        "/api/topics/a%20b/messages", "news.sport", "idempotency_key=abc", "seq=41",
+        "100% of them", "eyes.on.it", "019a3c61b20c9d8e7f6a5b4c",
+    ])
+    def test_ordinary_text_is_left_alone(self, text):
+        assert logs.scrub(text) == text
