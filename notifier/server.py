@@ -22,16 +22,14 @@ from notifier.broker.base import Broker
 from notifier.broker.local import LocalBroker
 from notifier.broker.redis import BrokerError, RedisBroker
 from notifier.config import Config, ConfigError, redact_url
+from notifier.handlers.api import BodyLimit
 from notifier.heartbeat import Heartbeat
 from notifier.sd_notify import SystemdNotifier
-from notifier.workers import ALIVE_EVERY, WorkerReports
 from notifier.store.base import Store, StoreError
 from notifier.store.sqlite import SQLiteStore
+from notifier.workers import ALIVE_EVERY, WorkerReports
 
 STATUS_INTERVAL = 5.0
-# Tornado drops bodies past max_body_size without an answer; a margin above our
-# own limit lets slightly-too-large bodies get a proper JSON 413 instead.
-BODY_SLACK = 1024 * 1024
 
 
 def resolve_secrets(config: Config) -> DevCredentials | None:
@@ -46,6 +44,16 @@ def resolve_secrets(config: Config) -> DevCredentials | None:
     if not config.auth.api_keys:
         config.auth.api_keys = [dev.api_key]
     return dev
+
+
+def http_server(services: Services) -> HTTPServer:
+    """The HTTP server for the app, with the body limit in front of it (413
+    JSON at any size; see ``BodyLimit``). ``idle_connection_timeout`` bounds
+    how long a connection may take to send its request headers (a
+    handshake), and how long an idle keep-alive connection stays."""
+    return HTTPServer(BodyLimit(make_app(services), services),
+                      xheaders=services.config.server.xheaders,
+                      idle_connection_timeout=services.config.limits.handshake_timeout)
 
 
 def store_path(config: Config) -> Path:
@@ -109,11 +117,7 @@ class Server:
         # A JWKS that cannot be fetched is logged (jwks.fetch_failed) and retried;
         # the service starts anyway: the HTTP API does not need it.
         await services.verifier.start()
-        # idle_connection_timeout bounds how long a connection may take to
-        # send its request headers (a handshake), and idle keep-alive time.
-        http = HTTPServer(make_app(services), xheaders=config.server.xheaders,
-                          max_body_size=config.limits.max_body_bytes + BODY_SLACK,
-                          idle_connection_timeout=config.limits.handshake_timeout)
+        http = http_server(services)
         try:
             # Workers share the port; the kernel spreads connections among them.
             sockets = bind_sockets(config.server.port, config.server.host,

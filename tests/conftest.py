@@ -10,9 +10,10 @@ import logging
 import pytest
 
 from notifier import logs
-from notifier.app import build_services, make_app
+from notifier.app import build_services
 from notifier.broker.local import LocalBroker
 from notifier.config import Config
+from notifier.server import http_server as http_server_for
 from notifier.store.sqlite import SQLiteStore
 from redis_server import RedisServer
 from support import API_KEY, SECRET, connect
@@ -43,8 +44,13 @@ def services(io_loop, config):
 
 
 @pytest.fixture
-def app(services):
-    return make_app(services)
+def http_server(io_loop, services, http_server_port):
+    """The app on its free port, served the way ``notifier serve`` serves it
+    (pytest-tornasync's own fixture would build a bare HTTPServer)."""
+    server = http_server_for(services)
+    server.add_socket(http_server_port[0])
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -8,11 +8,13 @@ import re
 import time
 from datetime import datetime, timezone
 
+import orjson
 import pytest
 import tornado.httpclient
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import api, connect, token
+from notifier.handlers import api as api_handlers
+from support import API_KEY, api, connect, token
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
@@ -174,6 +176,97 @@ async def test_body_over_max_body_bytes_is_413(small_body_limit, port):
     status, body = await api(port, "POST", "/api/publish/batch", {"messages": items})
     assert_error(status, body, 413, "too_large")
     assert await head_of(port, "a") == 1
+
+
+async def exchange(port: int, *requests: bytes, timeout: float = 10) -> list[tuple[int, dict, bytes]]:
+    """Write ``requests`` on one connection while reading; every answer as
+    (status, headers, body). Stops early when the server hangs up."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def send():
+        for request in requests:
+            for at in range(0, len(request), 65536):
+                writer.write(request[at:at + 65536])
+                await writer.drain()
+
+    sender = asyncio.ensure_future(send())
+    answers = []
+    try:
+        while len(answers) < len(requests):
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+            except asyncio.IncompleteReadError:
+                break
+            status_line, *lines = head.decode("latin-1").split("\r\n")
+            headers = {n.strip().lower(): v.strip() for n, _, v in (l.partition(":") for l in lines if l)}
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            answers.append((int(status_line.split()[1]), headers, body))
+        return answers
+    finally:
+        sender.cancel()
+        writer.close()
+
+
+def post(path: str, body: bytes, chunked: bool = False, extra: str = "") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n{extra}"
+    if not chunked:
+        return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[at:at + 4000]), body[at:at + 4000])
+                      for at in range(0, len(body), 4000))
+    return f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + chunks + b"0\r\n\r\n"
+
+
+def sized(size: int) -> bytes:
+    body = b'{"topic":"a","data":"' + b"x" * (size - 23) + b'"}'
+    assert len(body) == size
+    return body
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_the_body_limit_is_exact_and_the_connection_goes_on(small_body_limit, port, chunked):
+    answers = await exchange(port, post("/api/publish", sized(2000), chunked),
+                             post("/api/publish", sized(2001), chunked),
+                             post("/api/publish", sized(5 * 2000), chunked),
+                             post("/api/publish", sized(100), chunked))
+    assert [a[0] for a in answers] == [200, 413, 413, 200]
+    assert orjson.loads(answers[1][2])["error"] == {
+        "code": "too_large", "message": "request body is over limits.max_body_bytes (2000)"}
+    assert answers[1][1]["content-type"] == "application/json"
+    assert await head_of(port, "a") == 2
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/ws", "/api/stats", "/nowhere", "/api/publish/batch"])
+async def test_every_endpoint_answers_413_json(small_body_limit, port, path):
+    for chunked in (False, True):
+        ((status, headers, body),) = await exchange(port, post(path, sized(3000), chunked))
+        assert status == 413 and orjson.loads(body)["error"]["code"] == "too_large"
+
+
+async def test_with_expect_100_continue_the_413_comes_before_any_body(small_body_limit, port):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: {10**12}\r\n"
+                     "Expect: 100-continue\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(), 5)  # then the server hangs up
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 413 ") and b'"too_large"' in answer
+    assert b"100" not in answer.split(b"\r\n")[0][9:]
+
+
+async def test_past_the_discard_allowance_the_connection_is_closed(small_body_limit, port, monkeypatch):
+    monkeypatch.setattr(api_handlers, "DISCARD_BYTES", 100_000)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: {10**9}\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 413 ")
+        with pytest.raises((ConnectionError, OSError)):
+            for _ in range(1000):  # 64 MB at most: the server stops reading long before
+                writer.write(b"x" * 65536)
+                await asyncio.wait_for(writer.drain(), 5)
+    finally:
+        writer.close()
 
 
 # Auth

@@ -5,6 +5,7 @@ tests/test_properties.py throws generated inputs at the same surfaces."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from urllib.parse import quote
@@ -13,6 +14,7 @@ import jwt as pyjwt
 import pytest
 import tornado.httpclient
 
+from procs import ServerProcess
 from support import API_KEY, SECRET, api, connect, lines, token
 
 # A run of 20 digits sends a frame or body through the exact (stdlib) parser,
@@ -176,3 +178,78 @@ async def test_percent_escaped_secrets_never_reach_the_log(captured, port):
     lines(captured)  # every line still JSON
     assert signature not in text and jwt not in text
     assert API_KEY not in text and quote(API_KEY, safe="").replace("-", "%2D") not in text
+
+
+# 5. Oversized bodies
+
+
+async def raw_request(port: int, head: bytes, parts, timeout: float = 30) -> tuple[int, dict, bytes]:
+    """Send ``head`` then each of ``parts`` on one connection while reading
+    the answer; returns (status, headers, body) and checks the server read
+    everything sent (no reset while sending)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def send():
+        writer.write(head)
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+
+    sender = asyncio.ensure_future(send())
+    try:
+        header_block = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        status_line, *header_lines = header_block.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in header_lines:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        body = await asyncio.wait_for(
+            reader.readexactly(int(headers.get("content-length", "0"))), timeout)
+        await asyncio.wait_for(sender, timeout)
+        return int(status_line.split()[1]), headers, body
+    finally:
+        sender.cancel()
+        writer.close()
+
+
+def publish_body(size: int) -> bytes:
+    head = b'{"topic":"news.big","data":"'
+    return head + b"x" * (size - len(head) - 2) + b'"}'
+
+
+def content_length_request(body: bytes) -> tuple[bytes, list[bytes]]:
+    head = (f"POST /api/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    return head, [body[at:at + 65536] for at in range(0, len(body), 65536)]
+
+
+def chunked_request(body: bytes) -> tuple[bytes, list[bytes]]:
+    head = (f"POST /api/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+    parts = [b"%x\r\n%s\r\n" % (len(chunk), chunk)
+             for chunk in (body[at:at + 65536] for at in range(0, len(body), 65536))]
+    return head, parts + [b"0\r\n\r\n"]
+
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A real ``notifier serve``: the body limit lives in how it builds its
+    HTTP server, which the in-process ``port`` fixture does not share."""
+    with ServerProcess(tmp_path_factory.mktemp("served")) as server:
+        yield server
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framing", [content_length_request, chunked_request])
+@pytest.mark.parametrize("size", [2 * MiB + 22, 8 * MiB])
+async def test_any_body_over_the_limit_is_413_json(served, framing, size):
+    head, parts = framing(publish_body(size))
+    status, headers, body = await raw_request(served.port, head, parts)
+    assert status == 413, (status, headers, body)
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(body)["error"]["code"] == "too_large"
+    assert served.request("GET", "/api/topics/news.big/messages")[1]["head"] == 0

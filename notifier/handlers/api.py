@@ -4,12 +4,14 @@ errors shaped ``{"error": {"code", "message"}}`` with a 4xx/503 status."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+import re
+from typing import TYPE_CHECKING, Any, Awaitable
 
 import orjson
 import tornado.web
+from tornado import httputil
 
-from notifier import protocol
+from notifier import logs, protocol
 from notifier.messages import Draft
 from notifier.presence import PresenceError
 from notifier.protocol import ProtocolError
@@ -23,6 +25,9 @@ if TYPE_CHECKING:
 MAX_BATCH = 1000
 MAX_HISTORY_LIMIT = 1000
 MAX_IDEMPOTENCY_KEY = 200
+# What follows an oversized body is read and dropped, so that a client still
+# sending can read its 413; past this much more, the connection is closed.
+DISCARD_BYTES = 64 * 1024 * 1024
 
 
 class ApiError(tornado.web.HTTPError):
@@ -47,7 +52,105 @@ def finish_with_error(handler: tornado.web.RequestHandler, code: str, message: s
         # RFC 9110: a 405 names the methods that would work.
         handler.set_header("Allow", ", ".join(allowed_methods(handler)))
     handler.set_header("Content-Type", "application/json")
-    handler.finish(orjson.dumps({"error": {"code": code, "message": message}}))
+    handler.finish(error_body(code, message))
+
+
+def error_body(code: str, message: str) -> bytes:
+    return orjson.dumps({"error": {"code": code, "message": message}})
+
+
+_access_log = logs.get("notifier.access")
+
+
+class BodyLimit(httputil.HTTPServerConnectionDelegate):
+    """Wraps the application (``HTTPServer(BodyLimit(app, services))``): a
+    request body above ``limits.max_body_bytes``, with Content-Length or
+    chunked, at any size, is answered 413 with the JSON error here, and the
+    application never sees that request. Nothing past the limit is kept.
+
+    Tornado's own ``max_body_size`` would answer a bare 400 and hang up, so it
+    is lifted for every request, and bytes are counted here instead."""
+
+    def __init__(self, application: httputil.HTTPServerConnectionDelegate, services: "Services"):
+        self.application = application
+        self.services = services
+
+    def start_request(self, server_conn: object,
+                      request_conn: httputil.HTTPConnection) -> httputil.HTTPMessageDelegate:
+        return _LimitedBody(self.application.start_request(server_conn, request_conn),
+                            request_conn, self.services)
+
+    def on_close(self, server_conn: object) -> None:
+        self.application.on_close(server_conn)
+
+
+_CONTENT_LENGTH = re.compile(r"[0-9]+")
+
+
+class _LimitedBody(httputil.HTTPMessageDelegate):
+    def __init__(self, delegate: httputil.HTTPMessageDelegate,
+                 connection: httputil.HTTPConnection, services: "Services"):
+        self.delegate = delegate
+        self.connection = connection
+        self.services = services
+        self.limit = services.config.limits.max_body_bytes
+        self.received = 0
+        self.refused = False  # answered 413; the rest of the body is dropped
+        self.start_line: httputil.RequestStartLine | None = None
+
+    def headers_received(self, start_line, headers) -> Awaitable[None] | None:
+        self.start_line = start_line
+        self.connection.set_max_body_size(2**63)
+        length = headers.get("Content-Length", "")
+        # Refused at once when the length is plain; anything Tornado must
+        # still check (a repeated header) is counted as it arrives instead.
+        if _CONTENT_LENGTH.fullmatch(length) and int(length) > self.limit:
+            if headers.get("Expect", "").lower() == "100-continue":
+                # The client waits before sending: answer and close, no body comes.
+                self._refuse(finish=True)
+                return None
+            self._refuse()
+            return None
+        return self.delegate.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        self.received += len(chunk)
+        if self.refused:
+            if self.received > self.limit + DISCARD_BYTES:
+                self.connection.close()
+            return None
+        if self.received > self.limit:
+            self.delegate.on_connection_close()  # the application drops what it has
+            self._refuse()
+            return None
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        if self.refused:
+            self.connection.finish()  # the whole body was read: keep-alive goes on
+        else:
+            self.delegate.finish()
+
+    def on_connection_close(self) -> None:
+        if not self.refused:
+            self.delegate.on_connection_close()
+
+    def _refuse(self, finish: bool = False) -> None:
+        self.refused = True
+        services = self.services
+        services.metrics.errors.labels(protocol.TOO_LARGE).inc()
+        ip = getattr(self.connection.context, "remote_ip", None)
+        _access_log.warning("http.request", method=self.start_line.method,
+                            path=self.start_line.path.partition("?")[0], status=413, ip=ip)
+        body = error_body(protocol.TOO_LARGE,
+                          f"request body is over limits.max_body_bytes ({self.limit})")
+        headers = httputil.HTTPHeaders({"Content-Type": "application/json",
+                                        "Content-Length": str(len(body))})
+        head_only = self.start_line.method == "HEAD"
+        self.connection.write_headers(httputil.ResponseStartLine("HTTP/1.1", 413, "Content Too Large"),
+                                      headers, None if head_only else body)
+        if finish:
+            self.connection.finish()
 
 
 class JsonHandler(tornado.web.RequestHandler):
@@ -101,9 +204,6 @@ class ApiHandler(JsonHandler):
             raise ApiError(401, "unauthorized", "a valid API key is required "
                            "(Authorization: Bearer <key>)")
         self.api_key = authorization[len("Bearer "):].strip()
-        if len(self.request.body) > services.config.limits.max_body_bytes:
-            raise ApiError(413, "too_large", "request body is over limits.max_body_bytes "
-                           f"({services.config.limits.max_body_bytes})")
 
     def json_body(self) -> Any:
         try:
