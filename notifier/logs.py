@@ -210,6 +210,11 @@ class Logger:
         if _level <= logging.ERROR:
             self._logger.error(event, **fields)
 
+    def exception(self, event: str, **fields) -> None:
+        """``error`` with the exception being handled, traceback included."""
+        if _level <= logging.ERROR:
+            self._logger.error(event, exc_info=True, **fields)
+
 
 def get(name: str = "notifier") -> Logger:
     return Logger(name)

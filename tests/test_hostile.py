@@ -14,6 +14,8 @@ import jwt as pyjwt
 import pytest
 import tornado.httpclient
 
+from notifier.messages import Draft
+from notifier.store.sqlite import SQLiteStore
 from procs import ServerProcess
 from support import API_KEY, SECRET, api, connect, lines, token
 
@@ -253,3 +255,23 @@ async def test_any_body_over_the_limit_is_413_json(served, framing, size):
     assert headers["content-type"].startswith("application/json")
     assert json.loads(body)["error"]["code"] == "too_large"
     assert served.request("GET", "/api/topics/news.big/messages")[1]["head"] == 0
+
+
+# 6. Found by reading the code
+
+
+async def test_a_raising_commit_callback_is_logged_and_its_group_still_resolves(captured, tmp_path):
+    store = SQLiteStore(tmp_path / "notifier.db", 100, 3600)
+    await store.open()
+    try:
+        def broken(result):
+            raise RuntimeError("a bug in a commit callback")
+        appends = [store.append([Draft("news.a", b"1")], on_durable=broken),
+                   store.append([Draft("news.a", b"2")]),
+                   store.append([Draft("news.a", b"3")], on_durable=broken)]
+        results = await asyncio.wait_for(asyncio.gather(*appends), 5)
+        assert sorted(r.receipts[0].seq for r in results) == [1, 2, 3]
+    finally:
+        await store.close()
+    failures = [r for r in lines(captured) if r["event"] == "store.on_durable_failed"]
+    assert len(failures) == 2 and all("a bug in a commit callback" in r["exception"] for r in failures)
