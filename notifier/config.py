@@ -312,6 +312,11 @@ def validate(config: Config) -> None:
     for key in config.auth.api_keys:
         if len(key) < 8:
             bad("auth.api_keys", "every key must be at least 8 characters")
+    # Only development credentials (HS* and no secret) make up a key of their own.
+    if not config.auth.api_keys and not (symmetric and not config.auth.jwt_secret):
+        configured = "auth.jwt_secret" if symmetric else "auth.jwt_public_key_file"
+        bad("auth.api_keys", f"is empty while {configured} is set, so every HTTP API call "
+            "would get 401; list at least one key")
 
 
 def canonical_origin(origin: str) -> str:

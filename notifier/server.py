@@ -151,9 +151,6 @@ class Server:
                       backend=config.store.backend, pid=os.getpid())
         if dev is not None:
             _print_dev_banner(config, port, dev)
-        if not config.auth.api_keys:
-            self.log.warning("config.no_api_keys",
-                             message="auth.api_keys is empty: every HTTP API call will get 401")
         self.systemd.ready()
         self.report_status()
         self.systemd.watchdog()

@@ -195,7 +195,8 @@ class TestPublicKeyAlgorithms:
         path = tmp_path / "jwt.pub"
         path.write_bytes(public_pem(rsa_key))
         config = load(None, env={"NOTIFIER_AUTH_JWT_ALGORITHMS": "RS256",
-                                 "NOTIFIER_AUTH_JWT_PUBLIC_KEY_FILE": str(path)})
+                                 "NOTIFIER_AUTH_JWT_PUBLIC_KEY_FILE": str(path),
+                                 "NOTIFIER_AUTH_API_KEYS": "a-key-of-mine"})
         return TokenVerifier(config.auth)
 
     def test_rs256_accepted(self, tmp_path, rsa_key):

@@ -264,12 +264,16 @@ class TestEnvironment:
     @pytest.mark.parametrize("key, text, expected", ENV_CASES)
     def test_every_spec_key_has_its_env_variable(self, key, text, expected):
         name = "NOTIFIER_" + key.replace(".", "_").upper()
-        assert get(load(None, env={name: text}), key) == expected
+        # A configured secret needs an API key next to it (the default has none).
+        env = {name: text, "NOTIFIER_AUTH_API_KEYS": "a-key-of-mine"} if key == "auth.jwt_secret" \
+            else {name: text}
+        assert get(load(None, env=env), key) == expected
 
     def test_public_key_file_from_env(self, tmp_path):
         pem = tmp_path / "key.pem"
         pem.write_text("-----BEGIN PUBLIC KEY-----\n")
-        env = {"NOTIFIER_AUTH_JWT_PUBLIC_KEY_FILE": str(pem), "NOTIFIER_AUTH_JWT_ALGORITHMS": "RS256"}
+        env = {"NOTIFIER_AUTH_JWT_PUBLIC_KEY_FILE": str(pem), "NOTIFIER_AUTH_JWT_ALGORITHMS": "RS256",
+               "NOTIFIER_AUTH_API_KEYS": "a-key-of-mine"}
         config = load(None, env=env)
         assert config.auth.jwt_public_key_file == str(pem)
         assert config.auth.jwt_algorithms == ["RS256"]
@@ -323,6 +327,20 @@ class TestBadValues:
     ])
     def test_bad_env_value_names_the_key(self, env, key):
         assert key in fails(env=env)
+
+    def test_a_configured_secret_with_no_api_keys_is_refused(self, tmp_path):
+        # Only development credentials (no secret) make up a key of their own;
+        # otherwise an empty list would leave every HTTP API call with a 401.
+        message = fails(env={"NOTIFIER_AUTH_JWT_SECRET": "z" * 40})
+        assert message.startswith("auth.api_keys: ") and "auth.jwt_secret" in message
+        assert "auth.api_keys" in fails(write(tmp_path, '[auth]\njwt_secret = "%s"\napi_keys = []\n' % ("z" * 40)))
+        pem = tmp_path / "key.pem"
+        pem.write_text("-----BEGIN PUBLIC KEY-----\n")
+        assert "auth.api_keys" in fails(env={"NOTIFIER_AUTH_JWT_PUBLIC_KEY_FILE": str(pem),
+                                             "NOTIFIER_AUTH_JWT_ALGORITHMS": "RS256"})
+        assert load(None, env={}).auth.api_keys == []  # development credentials fill it in
+        assert load(None, env={"NOTIFIER_AUTH_JWT_SECRET": "z" * 40,
+                               "NOTIFIER_AUTH_API_KEYS": "a-key-of-mine"}).auth.api_keys == ["a-key-of-mine"]
 
     @pytest.mark.parametrize("toml, key", [
         ('[server]\nport = "8765"', "server.port"),
