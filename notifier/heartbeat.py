@@ -1,6 +1,6 @@
 """One PeriodicCallback keeps every connection honest: it pings those that
 have been quiet for ``interval``, closes those that left a ping unanswered for
-``timeout``, and closes those whose token expired (4001)."""
+``timeout`` (4010), and closes those whose token expired (4001)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Heartbeat:
                 peer.close_with(protocol.CLOSE_UNAUTHORIZED, "token expired")
             elif peer.ping_sent_at is not None:
                 if now - peer.ping_sent_at > self.timeout:
-                    peer.close_with(protocol.CLOSE_GOING_AWAY, "heartbeat timeout")
+                    peer.close_with(protocol.CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
             elif now - peer.last_seen >= self.interval:
                 peer.ping_sent_at = now
                 peer.send_ping()

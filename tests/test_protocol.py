@@ -412,8 +412,9 @@ class TestReplies:
     def test_close_codes_are_the_specs(self):
         assert (protocol.CLOSE_NORMAL, protocol.CLOSE_GOING_AWAY, protocol.CLOSE_TOO_LARGE,
                 protocol.CLOSE_UNAUTHORIZED, protocol.CLOSE_FORBIDDEN,
-                protocol.CLOSE_RATE_LIMITED, protocol.CLOSE_SLOW_CONSUMER) == \
-            (1000, 1001, 1009, 4001, 4003, 4008, 4009)
+                protocol.CLOSE_RATE_LIMITED, protocol.CLOSE_SLOW_CONSUMER,
+                protocol.CLOSE_HEARTBEAT_TIMEOUT) == \
+            (1000, 1001, 1009, 4001, 4003, 4008, 4009, 4010)
 
 
 # RFC 6455 section 5.2: base framing protocol

@@ -830,6 +830,10 @@ async def test_heartbeat_closes_silent_client(fast_heartbeat, services, port):
         await raw.close()
         assert opcodes[:2] == [0x1, 0x1]  # welcome, subscribed
         assert OP_PING in opcodes, opcodes
+        assert frame is not None and frame[0] == OP_CLOSE, opcodes
+        # SPEC close codes: 4010 heartbeat timeout (1001 is for the server going away).
+        assert struct.unpack("!H", frame[1][:2])[0] == 4010
+        assert frame[1][2:] == b"heartbeat timeout"
         # interval 0.2 + timeout 0.3 + ticks, with slack for a busy machine.
         assert 0.4 <= elapsed < 1.2, elapsed
         status, body = await api(port, "GET", "/api/topics/user:alice/presence")
