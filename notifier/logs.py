@@ -27,8 +27,9 @@ _SECRET_PATTERNS = [
     (re.compile(r"(?i)((?<![a-z0-9_])(?:access_token|token|api_?key|key|jwt|password|secret"
                 r"|authorization)=)[^&\s'\"]+"), r"\1" + REDACTED),
     (re.compile(r"(?i)(bearer\s+)[^\s'\"]+"), r"\1" + REDACTED),
-    # A JWT anywhere: three base64url parts, the first a JSON object ("ey").
-    (re.compile(r"ey[\w-]{6,}=*\.[\w-]*=*\.[\w-]*=*", re.ASCII), REDACTED),
+    # A JWT anywhere: three base64url parts, the first a JSON object ("{" and
+    # a quote or a space make "ey", "{" and a line break "ew").
+    (re.compile(r"e[yw][\w-]{6,}=*\.[\w-]*=*\.[\w-]*=*", re.ASCII), REDACTED),
     # A development API key (notifier.auth.development_credentials).
     (re.compile(r"dev-[\w-]{24}", re.ASCII), REDACTED),
 ]
@@ -37,7 +38,7 @@ _hidden: set[str] = set()
 _hidden_pattern: re.Pattern | None = None
 # Text that matches none of these holds no secret: most values (topics, ids,
 # paths) are let through after this one search.
-_SUSPECT = re.compile(r"(?i)=|bearer|ey[\w-]{6}|dev-|%")
+_SUSPECT = re.compile(r"(?i)=|bearer|e[yw][\w-]{6}|dev-|%")
 
 _level = logging.INFO
 _level_name = "info"

@@ -4,6 +4,7 @@ line, with fixed event names, and a token or API key never appears in them."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import logging
 import time
@@ -139,6 +140,11 @@ class TestScrub:
     def test_secret_parameters_in_any_spelling(self, text):
         scrubbed = logs.scrub(text)
         assert "abc.def" not in scrubbed and "[redacted]" in scrubbed
+
+    def test_a_header_that_starts_with_a_line_break(self):
+        header = base64.urlsafe_b64encode(b'{\n"alg":"HS256"}').rstrip(b"=").decode()
+        assert header.startswith("ew")
+        assert logs.scrub(f"/x/{header}.e30.c2lnbmF0dXJlLXBhcnQ") == "/x/[redacted]"
 
     @pytest.mark.parametrize("spelling", [
         JWT, JWT.replace(".", "%2E"), JWT.replace("e", "%65"),
