@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +20,11 @@ from notifier.server import http_server as http_server_for
 from notifier.store.sqlite import SQLiteStore
 from redis_server import RedisServer
 from support import API_KEY, SECRET, connect
+
+# Hypothesis keeps caches under .hypothesis in the working directory (its
+# example database is off, tests/test_properties.py): keep the tree clean.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY",
+                      str(Path(tempfile.gettempdir()) / f"notifier-hypothesis-{os.getuid()}"))
 
 
 def pytest_collection_modifyitems(config, items):
