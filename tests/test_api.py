@@ -251,6 +251,7 @@ async def test_with_expect_100_continue_the_413_comes_before_any_body(small_body
     finally:
         writer.close()
     assert answer.startswith(b"HTTP/1.1 413 ") and b'"too_large"' in answer
+    assert b"\r\nConnection: close\r\n" in answer
     assert b"100" not in answer.split(b"\r\n")[0][9:]
 
 

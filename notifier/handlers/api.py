@@ -146,6 +146,8 @@ class _LimitedBody(httputil.HTTPMessageDelegate):
                           f"request body is over limits.max_body_bytes ({self.limit})")
         headers = httputil.HTTPHeaders({"Content-Type": "application/json",
                                         "Content-Length": str(len(body))})
+        if finish:
+            headers["Connection"] = "close"  # finishing before the body is read closes it
         head_only = self.start_line.method == "HEAD"
         self.connection.write_headers(httputil.ResponseStartLine("HTTP/1.1", 413, "Content Too Large"),
                                       headers, None if head_only else body)
