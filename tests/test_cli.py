@@ -355,6 +355,8 @@ def test_bad_config_file_fails_fast_with_one_line_naming_the_key(tmp_path, toml,
     ("NOTIFIER_HEARTBEAT_INTERVAL", "-1s", "heartbeat.interval"),
     ("NOTIFIER_SERVER_COLOUR", "blue", "server.colour"),
     ("NOTIFIER_AUTH_JWT_SECRET", "short", "auth.jwt_secret"),
+    # A secret of one's own and no API key: the HTTP API would refuse everyone.
+    ("NOTIFIER_AUTH_JWT_SECRET", "s" * 40, "auth.api_keys"),
 ])
 def test_bad_environment_fails_fast_with_one_line_naming_the_key(tmp_path, name, value, key):
     env = cli_env(free_port(), **{name: value})
