@@ -54,6 +54,7 @@ def cmd_serve(args, config: Config) -> int:
     from notifier.server import serve
 
     config = config_module.with_overrides(config, host=args.host, port=args.port)
+    config_module.require_api_keys(config)
     if args.workers < 1:
         return _fail("--workers must be at least 1")
     if args.workers > 1:

@@ -312,11 +312,21 @@ def validate(config: Config) -> None:
     for key in config.auth.api_keys:
         if len(key) < 8:
             bad("auth.api_keys", "every key must be at least 8 characters")
-    # Only development credentials (HS* and no secret) make up a key of their own.
-    if not config.auth.api_keys and not (symmetric and not config.auth.jwt_secret):
-        configured = "auth.jwt_secret" if symmetric else "auth.jwt_public_key_file"
-        bad("auth.api_keys", f"is empty while {configured} is set, so every HTTP API call "
-            "would get 401; list at least one key")
+
+
+def require_api_keys(config: Config) -> None:
+    """What serving needs beyond a valid config: API keys. Only development
+    credentials (HS* and no secret) make up a key of their own; with a
+    secret, a public key or a JWKS of one's own and no key, every HTTP API
+    call would get 401. The other subcommands (token, subscribe) need none."""
+    auth = config.auth
+    if auth.api_keys:
+        return
+    configured = ("auth.jwt_secret" if auth.jwt_secret else "auth.jwt_public_key_file"
+                  if auth.jwt_public_key_file else "auth.jwks_url" if auth.jwks_url else None)
+    if configured:
+        raise ConfigError(f"auth.api_keys: is empty while {configured} is set, so every HTTP "
+                          "API call would get 401; list at least one key")
 
 
 def canonical_origin(origin: str) -> str:

@@ -206,6 +206,7 @@ class Server:
         self.systemd.reloading()
         try:
             fresh = config_module.load(self.config_path)
+            config_module.require_api_keys(fresh)
             resolve_secrets(fresh)  # development credentials, if still unconfigured
         except ConfigError as exc:
             self.log.error("config.reload_failed", error=str(exc))

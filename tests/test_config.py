@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from notifier.config import Config, ConfigError, canonical_origin, load, state_directory
+from notifier.config import (
+    Config, ConfigError, canonical_origin, load, require_api_keys, state_directory,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "config" / "notifier.toml"
@@ -328,19 +330,25 @@ class TestBadValues:
     def test_bad_env_value_names_the_key(self, env, key):
         assert key in fails(env=env)
 
-    def test_a_configured_secret_with_no_api_keys_is_refused(self, tmp_path):
+    def test_serving_with_a_configured_secret_and_no_api_keys_is_refused(self, tmp_path):
         # Only development credentials (no secret) make up a key of their own;
         # otherwise an empty list would leave every HTTP API call with a 401.
-        message = fails(env={"NOTIFIER_AUTH_JWT_SECRET": "z" * 40})
+        def refusal(config) -> str:
+            with pytest.raises(ConfigError) as raised:
+                require_api_keys(config)
+            return str(raised.value)
+
+        secret = load(None, env={"NOTIFIER_AUTH_JWT_SECRET": "z" * 40})  # fine for token, subscribe
+        message = refusal(secret)
         assert message.startswith("auth.api_keys: ") and "auth.jwt_secret" in message
-        assert "auth.api_keys" in fails(write(tmp_path, '[auth]\njwt_secret = "%s"\napi_keys = []\n' % ("z" * 40)))
         pem = tmp_path / "key.pem"
         pem.write_text("-----BEGIN PUBLIC KEY-----\n")
-        assert "auth.api_keys" in fails(env={"NOTIFIER_AUTH_JWT_PUBLIC_KEY_FILE": str(pem),
-                                             "NOTIFIER_AUTH_JWT_ALGORITHMS": "RS256"})
-        assert load(None, env={}).auth.api_keys == []  # development credentials fill it in
-        assert load(None, env={"NOTIFIER_AUTH_JWT_SECRET": "z" * 40,
-                               "NOTIFIER_AUTH_API_KEYS": "a-key-of-mine"}).auth.api_keys == ["a-key-of-mine"]
+        public = load(None, env={"NOTIFIER_AUTH_JWT_PUBLIC_KEY_FILE": str(pem),
+                                 "NOTIFIER_AUTH_JWT_ALGORITHMS": "RS256"})
+        assert "auth.jwt_public_key_file" in refusal(public)
+        require_api_keys(load(None, env={}))  # development credentials fill it in
+        require_api_keys(load(None, env={"NOTIFIER_AUTH_JWT_SECRET": "z" * 40,
+                                         "NOTIFIER_AUTH_API_KEYS": "a-key-of-mine"}))
 
     @pytest.mark.parametrize("toml, key", [
         ('[server]\nport = "8765"', "server.port"),
