@@ -229,6 +229,7 @@ class Session:
             await self._watching(topic)
             if not hub.is_current(subscription):
                 return
+            asked = since is not None  # the client's own since, not the cursor's
             if since is None:
                 resume = await store.read_from_cursor(self.user, topic, default_since, REPLAY_PAGE)
                 since, page = resume.since, resume.history
@@ -244,8 +245,12 @@ class Session:
                 restart = True  # the client's position counts in another log
             elif since is not None and since > page.head:
                 restart = True  # the log was reset under the client
-            elif since is not None and since < page.head and since + 1 < page.oldest:
-                recovered = False  # retention removed messages the client asked for
+            elif asked and since < page.head and since + 1 < page.oldest:
+                # Retention removed messages the client asked for. From a
+                # cursor retention overtook, the replay starts at the oldest
+                # retained too, but recovered stays true (SPEC: "With no
+                # since, recovered is true").
+                recovered = False
             if restart:
                 recovered = False
                 if since != 0:

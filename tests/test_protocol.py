@@ -486,3 +486,14 @@ class TestMessagePayload:
         ids = {new_id() for _ in range(1000)}
         assert len(ids) == 1000
         assert all(re.fullmatch(r"[0-9a-f]{24}", i) for i in ids)
+
+
+class TestSubscribeEpoch:
+    def test_subscribe_with_epoch(self):
+        assert parse(command({"type": "subscribe", "topic": "t", "epoch": "e1", "ref": 2}), MAX) == \
+            Subscribe("t", None, "e1", 2)
+
+    @pytest.mark.parametrize("epoch", [5, True, ["e"], {}, "", "x" * 101])
+    def test_subscribe_epoch_must_be_a_short_string(self, epoch):
+        body = {"type": "subscribe", "topic": "t", "epoch": epoch, "ref": "s"}
+        assert error_of(parse(command(body), MAX)) == ("bad_request", "s")

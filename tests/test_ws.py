@@ -1042,3 +1042,37 @@ async def test_dotted_user_owns_its_personal_topic(port):
     assert await seqs(owner, 1, "user:bob.x") == [1]
     owner.close()
     other.close()
+
+
+async def test_no_since_is_recovered_even_from_an_overtaken_cursor(short_retention, port):
+    # SPEC: "With no since, recovered is true", also when the stored cursor
+    # points before what retention kept; the replay starts at the oldest.
+    await publish_many(port, "news.a", 2)
+    client = await connect(port, token("alice"))
+    await client.send({"type": "ack", "topic": "news.a", "seq": 1})
+    await pong(client, 1)
+    await publish_many(port, "news.a", 3)  # 1 and 2 are dropped: 3, 4, 5 remain
+    reply = await subscribe(client, "news.a")
+    assert reply["seq"] == 5 and reply["recovered"] is True
+    assert await seqs(client, 3, "news.a") == [3, 4, 5]
+    client.close()
+
+
+async def test_a_different_epoch_is_not_recovered_and_replays_from_the_oldest(port):
+    await publish_many(port, "news.a", 3)
+    client = await connect(port, token("alice"))
+    current = (await subscribe(client, "news.a", since=3))["epoch"]
+    await client.send({"type": "ack", "topic": "news.a", "seq": 3})
+    for fields in ({"since": 2}, {}):  # with a since, and from the stored cursor
+        reply = await subscribe(client, "news.a", ref=1, epoch="an-older-epoch", **fields)
+        assert reply["recovered"] is False and reply["epoch"] == current
+        assert await seqs(client, 3, "news.a") == [1, 2, 3]
+    # The current epoch changes nothing.
+    reply = await subscribe(client, "news.a", since=2, epoch=current)
+    assert reply["recovered"] is True
+    assert await seqs(client, 1, "news.a") == [3]
+    await client.send({"type": "subscribe", "topic": "news.a", "epoch": 7, "ref": 2})
+    error = await client.expect("error")
+    assert error["code"] == "bad_request" and error["ref"] == 2
+    await client.nothing(0.2)
+    client.close()
