@@ -17,12 +17,15 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Protocol, Sequence
 
+from notifier import logs
 from notifier.broker.base import READY
 from notifier.frames import text_frame
 from notifier.messages import Message
 
 if TYPE_CHECKING:
     from notifier.store.base import Position
+
+_log = logs.get("notifier.hub")
 
 # Subscribers written between two questions to in_slice.
 CLOCK_EVERY = 32
@@ -260,14 +263,23 @@ class Hub:
         for topic, messages in pending.items():
             subscribers = self.topics.get(topic)
             if subscribers:
-                sent += self._fan_out(messages, subscribers, in_slice)
+                try:
+                    sent += self._fan_out(messages, subscribers, in_slice)
+                except Exception as exc:  # noqa: BLE001 - the other topics' turn goes on
+                    _log.error("hub.fan_out_failed", topic=topic, messages=len(messages),
+                               error=repr(exc))
         self.messages_out += sent
         if sent and self.on_delivered is not None:
             self.on_delivered(sent)
 
     def _fan_out(self, messages: list[Message], subscribers: dict[Peer, Subscription],
                  in_slice: Callable[[], bool]) -> int:
-        payloads = [message.payload() for message in messages]
+        try:
+            payloads = [message.payload() for message in messages]
+        except Exception:  # noqa: BLE001 - one message must not cost the others
+            messages, payloads = encodable(messages)
+            if not messages:
+                return 0
         frames = [text_frame(payload) for payload in payloads]
         joined = frames[0] if len(frames) == 1 else b"".join(frames)
         stored = [message for message in messages if message.seq is not None]
@@ -350,3 +362,19 @@ class Hub:
     def topic_users(self, topic: str) -> dict[str, int]:
         """Connections per user subscribed to ``topic`` on this node."""
         return dict(Counter(peer.user for peer in self.topics.get(topic, ())))
+
+
+def encodable(messages: Sequence[Message]) -> tuple[list[Message], list[bytes]]:
+    """The messages whose frame can be built, with their payloads; any other
+    is logged and left out (the wire rules keep such values out, so this is
+    a last guard: a stored one leaves a hole a catch-up skips in the same way)."""
+    kept, payloads = [], []
+    for message in messages:
+        try:
+            payloads.append(message.payload())
+        except Exception as exc:  # noqa: BLE001 - logged, and the rest go on
+            _log.error("hub.unencodable_message", topic=message.topic, seq=message.seq,
+                       id=message.id, error=repr(exc))
+            continue
+        kept.append(message)
+    return kept, payloads

@@ -20,13 +20,15 @@ from typing import Awaitable, Callable, Sequence
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.websocket import WebSocketClosedError
 
-from notifier import internals
+from notifier import internals, logs
 
 # Writing 1,000 sockets takes about 5 ms here: a slice is a fifth of that, so
 # a request or a commit waits about 1 ms for the loop, not the whole fan-out.
 SLICE = 0.001
 # How many writes between looks at the clock.
 CHECK_EVERY = 32
+
+_log = logs.get("notifier.outbox")
 
 
 class Flusher:
@@ -77,11 +79,19 @@ class Flusher:
         # While the last pass's outboxes still wait, new frames queue behind
         # them: each connection is written once per round, oldest first.
         for hook in self.before:
-            hook(self._never if self._behind else self.in_slice)
+            try:
+                hook(self._never if self._behind else self.in_slice)
+            except Exception as exc:  # noqa: BLE001 - the outboxes below still go out
+                _log.error("flusher.hook_failed", error=repr(exc))
         waiting = self._waiting
         written = 0
         while waiting:
-            waiting.popleft().flush()
+            outbox = waiting.popleft()
+            try:
+                outbox.flush()
+            except Exception as exc:  # noqa: BLE001 - one connection, not the turn
+                _log.error("flusher.flush_failed", error=repr(exc))
+                outbox.discard()
             written += 1
             if written == CHECK_EVERY:
                 written = 0

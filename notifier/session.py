@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Protocol
 from notifier import protocol
 from notifier.auth import AuthError, Identity, KeyNotCached, TokenVerifier
 from notifier.broker.base import READY
-from notifier.hub import Sink, Subscription
+from notifier.hub import Sink, Subscription, encodable
 from notifier.messages import Draft, Message
 from notifier.protocol import ProtocolError
 from notifier.ratelimit import TokenBucket
@@ -319,7 +319,12 @@ class Session:
             if message.seq <= subscription.last_seq:
                 continue
             subscription.last_seq = message.seq
-            self.send(message.payload())
+            try:
+                payload = message.payload()
+            except Exception:  # noqa: BLE001 - logged by encodable; the replay goes on
+                encodable([message])
+                continue
+            self.send(payload)
             if outbox.pending >= drain_at:
                 await outbox.drain()
                 if outbox.closed or not hub.is_current(subscription):

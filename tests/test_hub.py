@@ -394,3 +394,15 @@ def test_behind_catches_up_live_subscriptions_short_of_the_head_and_rechecks_rep
     assert dave.behind == [] and replay.recheck is True
     assert hub.go_live(replay) is False and replay.recheck is False  # one more read first
     assert hub.go_live(replay) is True
+
+
+def test_a_message_that_cannot_be_framed_costs_no_other_message_of_the_turn():
+    alice, bob = Peer("c1", "alice"), Peer("c2", "bob")
+    hub = hub_with(alice, bob)
+    live(hub, alice, "news")
+    live(hub, bob, "chat")
+    bad = message("chat", None, "x")
+    bad.event = "\ud800"  # a lone surrogate: no JSON encoder writes it
+    hub.deliver([message("news", 1), bad, message("chat", 1), message("chat", None, "ok")])
+    assert alice.seqs() == [1]
+    assert bob.seqs() == [1, None] and bob.datas() == [1, "ok"]
