@@ -17,6 +17,7 @@ import orjson
 import pytest
 import tornado.httpclient
 
+from notifier.app import make_app
 from notifier.handlers import static
 from notifier.openapi import build
 from procs import ServerProcess
@@ -28,7 +29,8 @@ CONFIG = Path(__file__).with_name("schemathesis.toml")
 MAX_EXAMPLES = 100
 
 
-async def test_served_without_a_key_and_names_every_route(port, app):
+async def test_served_without_a_key_and_names_every_route(port, services):
+    app = make_app(services)
     status, document = await api(port, "GET", "/api/openapi.json", key=None)
     assert status == 200
     assert document == build() and document["openapi"] == "3.1.0"
