@@ -48,6 +48,9 @@ def check() -> None:
         right.close()
     _need(WebSocketProtocol13(None, False, _WebSocketParams()), "_compressor",
           "tornado.websocket.WebSocketProtocol13")
+    _need(WebSocketProtocol13, "_handle_message", "tornado.websocket.WebSocketProtocol13")
+    _need(WebSocketProtocol13(None, False, _WebSocketParams()), "params",
+          "tornado.websocket.WebSocketProtocol13")
     request = HTTPServerRequest(connection=_NoConnection(), headers=HTTPHeaders(Host="check"),
                                 start_line=RequestStartLine("GET", "/", "HTTP/1.1"))
     handler = RequestHandler(Application(), request)
@@ -107,6 +110,25 @@ def release_handshake(handler: Any) -> None:
         getattr(headers, name).clear()
     handler._headers = headers
     handler.ui = None
+
+
+class _TextAsBytes(WebSocketProtocol13):
+    """Hands a text frame's payload to ``on_message`` as bytes, as it does a
+    binary frame's. notifier's parser reads bytes directly and checks UTF-8
+    itself, so a text frame that is not UTF-8 gets a ``bad_request`` like any
+    other bad frame, where Tornado's own decode would drop the connection
+    without a close frame; and no frame is decoded twice."""
+
+    def _handle_message(self, opcode: int, data: bytes):
+        return super()._handle_message(0x2 if opcode == 0x1 else opcode, data)
+
+
+def text_as_bytes(protocol: WebSocketProtocol13 | None) -> WebSocketProtocol13 | None:
+    """The same connection's protocol (what ``get_websocket_protocol`` made),
+    handing text frames over as bytes (``_TextAsBytes``)."""
+    if type(protocol) is not WebSocketProtocol13:
+        return protocol
+    return _TextAsBytes(protocol.handler, protocol.mask_outgoing, protocol.params)
 
 
 def work_probe(loop: asyncio.AbstractEventLoop) -> Callable[[], bool]:

@@ -275,3 +275,38 @@ async def test_a_raising_commit_callback_is_logged_and_its_group_still_resolves(
         await store.close()
     failures = [r for r in lines(captured) if r["event"] == "store.on_durable_failed"]
     assert len(failures) == 2 and all("a bug in a commit callback" in r["exception"] for r in failures)
+
+
+async def test_a_text_frame_that_is_not_utf8_is_bad_request_and_the_socket_stays(port):
+    # Tornado decodes text frames itself and, on bytes that are not UTF-8,
+    # drops the connection without a close frame; notifier reads them as
+    # bytes instead (internals.text_as_bytes) and answers like any bad frame.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write((f"GET /ws?token={token('alice')} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    assert (await reader.readline()).startswith(b"HTTP/1.1 101")
+    await reader.readuntil(b"\r\n\r\n")
+
+    def client_frame(payload: bytes) -> bytes:
+        mask = b"\x01\x02\x03\x04"
+        masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+        return bytes((0x81, 0x80 | len(payload))) + mask + masked
+
+    async def next_frame() -> dict:
+        head = await asyncio.wait_for(reader.readexactly(2), 5)
+        assert head[0] == 0x81, head  # a text frame, not a close
+        length = head[1]
+        if length == 126:
+            length = int.from_bytes(await reader.readexactly(2), "big")
+        return json.loads(await reader.readexactly(length))
+
+    assert (await next_frame())["type"] == "welcome"
+    assert (await next_frame())["type"] == "subscribed"
+    writer.write(client_frame(b'{"type":"ping","ref":"\xff\xfe"}'))
+    error = await next_frame()
+    assert error["type"] == "error" and error["code"] == "bad_request"
+    writer.write(client_frame(b'{"type":"ping","ref":1}'))
+    assert await next_frame() == {"type": "pong", "ref": 1}
+    writer.close()

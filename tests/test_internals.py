@@ -50,6 +50,10 @@ _WITHOUT = {
             del self._write_buffer
         iostream.IOStream.__init__ = init
     """,
+    "_handle_message": """
+        import tornado.websocket as websocket
+        del websocket.WebSocketProtocol13._handle_message
+    """,
     "_headers": """
         import tornado.web as web
         original = web.RequestHandler.clear

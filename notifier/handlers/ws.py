@@ -133,6 +133,10 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
             return True
         return urlsplit(origin).netloc.lower() == self.request.host.lower()
 
+    def get_websocket_protocol(self):
+        # Text frames reach on_message as bytes; the session's parser checks UTF-8.
+        return internals.text_as_bytes(super().get_websocket_protocol())
+
     def get_compression_options(self) -> dict | None:
         # Off by default: uncompressed frames are built once and shared by all.
         return {} if self.config.server.compression else None
