@@ -36,7 +36,10 @@ import sys
 import time
 from typing import Any, Callable
 
-from bench.stats import percentile
+from bench.common.clients import message_wire_size
+from bench.common.run import ROOT, pin_load_generator, raise_nofile, run
+from bench.common.servers import server_preexec
+from bench.common.stats import percentile
 
 BATCH_SIZE = 2000  # bytes: about nine 236-byte frames in one write
 
@@ -134,16 +137,15 @@ class _Drain(asyncio.BufferedProtocol):
 async def measure(subscribers: int, sizes: list[int], rounds: int, *, preexec: Callable[[], None] | None,
                   warmup: int = 10, pause: float = 0.005, source_ips: list[str] | None = None,
                   timeout: float = 120.0) -> dict:
-    """Start the sender child (with `preexec`, e.g. bench.fanout's
-    _server_preexec(core)), connect `subscribers` sockets to it from this
+    """Start the sender child (with `preexec`, e.g.
+    bench.common.servers.server_preexec(core)), connect `subscribers` sockets to it from this
     process's loop, drain them while it sends, and return the figures."""
     loop = asyncio.get_running_loop()
     source_ips = source_ips or ["127.0.0.1"]
     argv = [sys.executable, "-m", "bench.send_floor", "--child", "--subscribers", str(subscribers),
             "--sizes", ",".join(map(str, sizes)), "--rounds", str(rounds), "--warmup", str(warmup),
             "--pause", str(pause)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen(argv, cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, preexec_fn=preexec, start_new_session=True)
     drains: list[_Drain] = []
     try:
@@ -277,26 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-core", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print the result as JSON too")
     args = p.parse_args(argv)
-    from bench.fanout import _raise_nofile, _server_preexec, message_wire_size
-
-    _raise_nofile()
+    raise_nofile()
     server_core: int | None = args.server_core
-    cores = os.sched_getaffinity(0)
-    if {args.server_core, args.client_core} <= cores and args.server_core != args.client_core:
-        os.sched_setaffinity(0, {args.client_core})
-    else:
-        print(f"warning: cannot pin to cores {args.server_core} and {args.client_core} (available: "
-              f"{sorted(cores)}); running unpinned", file=sys.stderr)
+    if not pin_load_generator(args.server_core, args.client_core):
         server_core = None
     sizes = [message_wire_size(args.payload)] + ([args.batch_bytes] if args.batch_bytes > 0 else [])
-    try:
-        import uvloop
-    except ImportError:
-        runner = asyncio.run
-    else:
-        runner = uvloop.run
-    f = runner(measure(args.subscribers, sizes, args.rounds, preexec=_server_preexec(server_core),
-                       pause=args.pause))
+    f = run(measure(args.subscribers, sizes, args.rounds, preexec=server_preexec(server_core),
+                    pause=args.pause))
     print(fmt_floor(f))
     print()
     print(floor_note(f))

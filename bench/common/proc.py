@@ -1,0 +1,136 @@
+"""CPU and memory from /proc, and waiting for a quiet machine (it may be shared)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from typing import Awaitable, Callable
+
+from bench.common.run import log
+
+_TICK = os.sysconf("SC_CLK_TCK")
+# Every process this run started (servers, idle or not): not "other processes".
+OUR_PIDS: set[int] = set()
+
+
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """/proc/<pid>/stat from field 3 (state) on, or None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rindex(b")") + 2:].split()  # after the command name, which may hold spaces
+
+
+def _all_stat_fields():
+    """(pid, stat fields) of every process on the machine."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields_ = _stat_fields(entry)
+            if fields_ is not None:
+                yield int(entry), fields_
+
+
+def proc_tree(pid: int) -> list[int]:
+    """pid and its descendants (notifier might run helpers)."""
+    children: dict[int, list[int]] = {}
+    for child, fields_ in _all_stat_fields():
+        children.setdefault(int(fields_[1]), []).append(child)
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes (all their threads), in seconds."""
+    total = 0
+    for pid in pids:
+        fields_ = _stat_fields(pid)
+        if fields_ is not None:
+            total += int(fields_[11]) + int(fields_[12])  # utime, stime (fields 14, 15)
+    return total / _TICK
+
+
+def user_process_times(exclude: set[int]) -> dict[int, int]:
+    """CPU ticks of every user-space process on the machine except `exclude`.
+
+    Kernel threads (children of kthreadd, pid 2) are left out: ksoftirqd does
+    the server's own network work when the server keeps its core busy."""
+    return {pid: int(fields_[11]) + int(fields_[12]) for pid, fields_ in _all_stat_fields()
+            if pid not in exclude and pid != 2 and int(fields_[1]) != 2}
+
+
+def others_cpu_delta(before: dict[int, int], after: dict[int, int]) -> float:
+    """CPU seconds used between two `user_process_times` samples (processes that
+    exited in between are not seen: an underestimate, never negative)."""
+    return sum(max(0, t - before.get(pid, 0)) for pid, t in after.items()) / _TICK
+
+
+def memory_bytes(pids: list[int], field: str = "VmRSS") -> int:
+    """A memory line of /proc/<pid>/status summed over the processes: VmRSS
+    (resident now) or VmHWM (the most it has been resident)."""
+    total = 0
+    prefix = field + ":"
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith(prefix):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
+
+
+def core_times() -> dict[int, tuple[float, float]]:
+    """Per core: (busy seconds, softirq+irq seconds) from /proc/stat. Busy
+    includes interrupts and the hypervisor's steal."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *vals = line.split()
+                v = [int(x) for x in vals[:8]]
+                user, nice, system, idle, iowait, irq, softirq, steal = v
+                out[int(name[3:])] = ((user + nice + system + irq + softirq + steal) / _TICK,
+                                      (irq + softirq) / _TICK)
+    return out
+
+
+async def wait_quiet(args: argparse.Namespace, exclude: set[int], timeout: float | None = None) -> bool:
+    """Wait (up to `timeout`) until other processes use under `--max-others`/2 % CPU over a second."""
+    deadline = time.monotonic() + (args.quiet_timeout if timeout is None else timeout)
+    while True:
+        a = user_process_times(exclude)
+        await asyncio.sleep(1.0)
+        pct = 100 * others_cpu_delta(a, user_process_times(exclude))
+        if pct < args.max_others / 2:
+            return True
+        if time.monotonic() > deadline:
+            log(f"  machine still busy ({pct:.0f}% CPU in other processes); going on")
+            return False
+
+
+async def run_quietly(args: argparse.Namespace, what: str,
+                      run: Callable[[int], Awaitable[dict]]) -> dict:
+    """``run(attempt)`` once the machine is quiet; repeated (up to --retries)
+    while other processes used more CPU than --max-others during it. A
+    failure is returned as {"error": ...}."""
+    for attempt in range(args.retries + 1):
+        await wait_quiet(args, exclude=OUR_PIDS | {os.getpid()})
+        try:
+            result = await run(attempt)
+        except Exception as exc:
+            log(f"{what} failed: {exc}")
+            return {"error": str(exc)}
+        if result["others_cpu_pct"] <= args.max_others or attempt == args.retries:
+            return result
+        log(f"  other processes used {result['others_cpu_pct']:.0f}% CPU during the {what}: repeating it")
+    raise AssertionError("unreachable: the last attempt returns")
