@@ -37,20 +37,20 @@ import os
 import resource
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.common.proc import core_times
+from bench.common.run import git_version
+from bench.common.servers import API_KEY, Server, http
+from bench.common.stats import median, percentile
+
 SERVER_CORE = 0
 CLIENT_CORE = 1
-API_KEY = "benchkey"
 TOPICS = 10
 RATIO_GOAL = 0.7
 BATCH_GOAL = 50_000
@@ -167,28 +167,6 @@ class Load:
 
 
 @dataclass
-class Server:
-    name: str
-    port: int
-    process: subprocess.Popen
-    log_path: Path
-
-    def cpu_seconds(self) -> float:
-        # utime and stime of every thread of the process, in clock ticks.
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-@dataclass
 class Totals:
     """What notifier acknowledged, for the durability check."""
     acked_messages: int = 0
@@ -198,24 +176,15 @@ class Totals:
     in_flight_bound: int = 0
 
 
-def core_busy_seconds(core: int) -> float:
-    """Time core ``core`` was not idle (interrupts and hypervisor steal included)."""
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith(f"cpu{core} "):
-            user, nice, system, idle, iowait, irq, softirq, steal = map(int, line.split()[1:9])
-            return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    return 0.0
-
-
 def wait_for_quiet_core(core: int, limit: float = QUIET_WAIT) -> None:
     """Before a round, wait (up to ``limit`` s) until the idle servers' core is
     nearly unused: on a shared machine another job may be running there."""
     deadline = time.monotonic() + limit
     told = False
     while True:
-        before = core_busy_seconds(core)
+        before = core_times()[core][0]
         time.sleep(1)
-        busy = core_busy_seconds(core) - before
+        busy = core_times()[core][0] - before
         if busy <= OTHER_LIMIT or time.monotonic() >= deadline:
             if told:
                 print(f"       core {core} is {busy:.0%} busy; going on")
@@ -237,83 +206,15 @@ def filesystem_type(path: Path) -> str:
     return kind
 
 
-def source_revision() -> str:
-    """The commit this checkout is at, and whether it has uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
+def start(server: Server) -> Server:
+    """Start `server` (again, after a stop: same port, same store) and wait until it listens."""
+    server.start()
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "notifier"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return commit + (" with uncommitted changes under notifier/" if dirty else "")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(method: str, url: str, body: bytes | None = None, timeout: float = 10) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=body, method=method, headers={
-        "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as answer:
-            return answer.status, answer.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-
-
-def wait_until_up(server: Server, method: str, path: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            break
-        try:
-            body = b'{"topic":"bench.up","data":null}' if method == "POST" else None
-            if http(method, f"http://127.0.0.1:{server.port}{path}", body, timeout=2)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    server.stop(signal.SIGKILL)
-    tail = server.log_path.read_text(errors="replace")[-3000:]
-    raise SystemExit(f"{server.name} did not answer {method} {path} on port {server.port} "
-                     f"(exit code {server.process.returncode}); its log ends:\n{tail}")
-
-
-def start(name: str, command: list[str], port: int, workdir: Path, env: dict[str, str], ready: tuple[str, str]) -> Server:
-    log_path = workdir / f"{name}.log"
-    process = subprocess.Popen(
-        ["taskset", "-c", str(SERVER_CORE), *command],
-        cwd=workdir, env={**os.environ, **env},
-        stdin=subprocess.DEVNULL, stdout=log_path.open("ab"), stderr=subprocess.STDOUT)
-    server = Server(name, port, process, log_path)
-    wait_until_up(server, *ready)
+        asyncio.run(server.wait_listening())
+    except RuntimeError as exc:
+        server.stop(signal.SIGKILL)
+        raise SystemExit(str(exc)) from None
     return server
-
-
-def start_noop(workdir: Path) -> Server:
-    port = free_port()
-    return start("noop", [sys.executable, "-m", "bench.noop_server", "--port", str(port)],
-                 port, workdir, {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}, ("POST", "/api/publish"))
-
-
-def notifier_env(port: int, workdir: Path) -> dict[str, str]:
-    return {
-        "NOTIFIER_SERVER_PORT": str(port),
-        "NOTIFIER_STORE_PATH": str(workdir / "notifier.db"),
-        "NOTIFIER_AUTH_API_KEYS": API_KEY,
-        "NOTIFIER_AUTH_JWT_SECRET": "bench-secret-" + "0123456789abcdef" * 3,
-        "NOTIFIER_LOG_LEVEL": "warning",
-    }
-
-
-def start_notifier(command: list[str], workdir: Path, port: int | None = None) -> Server:
-    port = port or free_port()
-    return start("notifier", command, port, workdir, notifier_env(port, workdir), ("GET", "/readyz"))
 
 
 def run_wrk(label: str, server: Server, path: str, connections: int, seconds: int,
@@ -325,14 +226,14 @@ def run_wrk(label: str, server: Server, path: str, connections: int, seconds: in
     command = ["taskset", "-c", str(CLIENT_CORE), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
                "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{server.port}{path}",
                "--", mode, str(per_request), str(pad), API_KEY]
-    cpu_before, core_before = server.cpu_seconds(), core_busy_seconds(SERVER_CORE)
+    cpu_before, core_before = server.cpu(), core_times()[SERVER_CORE][0]
     wall_before = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = process.stdout.read().decode(errors="replace")
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.monotonic() - wall_before
-    server_cpu = server.cpu_seconds() - cpu_before
-    others = (core_busy_seconds(SERVER_CORE) - core_before - server_cpu) / wall
+    server_cpu = server.cpu() - cpu_before
+    others = (core_times()[SERVER_CORE][0] - core_before - server_cpu) / wall
     process.returncode = os.waitstatus_to_exitcode(status)
     stats = next((json.loads(line.split(" ", 1)[1]) for line in output.splitlines()
                   if line.startswith("BENCHJSON ")), None)
@@ -437,19 +338,19 @@ class _PythonLoad:
 def run_python(label: str, server: Server, path: str, connections: int, seconds: int,
                per_request: int, pad: int, workdir: Path) -> Load:
     load = _PythonLoad(server.port, path, per_request, pad)
-    cpu_before, core_before = server.cpu_seconds(), core_busy_seconds(SERVER_CORE)
+    cpu_before, core_before = server.cpu(), core_times()[SERVER_CORE][0]
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
     wall_before = time.monotonic()
     elapsed = asyncio.run(load.run(connections, seconds))
     wall = time.monotonic() - wall_before
     usage = resource.getrusage(resource.RUSAGE_SELF)
     latencies = sorted(load.latencies) or [0.0]
-    server_cpu = server.cpu_seconds() - cpu_before
+    server_cpu = server.cpu() - cpu_before
     return Load(label, load.ok + load.non200, load.ok, load.non200, load.socket_errors, 0, elapsed,
-                per_request, latencies[len(latencies) // 2] * 1e3, latencies[int(len(latencies) * 0.99)] * 1e3,
+                per_request, percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3,
                 server_cpu / wall,
                 (usage.ru_utime + usage.ru_stime - usage_before.ru_utime - usage_before.ru_stime) / wall,
-                (core_busy_seconds(SERVER_CORE) - core_before - server_cpu) / wall, load.bad_sample)
+                (core_times()[SERVER_CORE][0] - core_before - server_cpu) / wall, load.bad_sample)
 
 
 def read_heads(port: int) -> dict[str, int]:
@@ -509,10 +410,6 @@ def last_message(port: int, topic: str, head: int) -> dict | None:
     return messages[0] if messages else None
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else 0.0
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description="Durable publish benchmark: notifier against a no-op Tornado handler.")
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds per case (default 5)")
@@ -547,9 +444,10 @@ def main() -> int:
         raise SystemExit(f"{parent} is on {filesystem_type(parent)}, where fsync costs nothing: "
                          "give --dir a folder on a disk")
     workdir = Path(tempfile.mkdtemp(prefix="notifier-bench-", dir=parent))
-    noop = start_noop(workdir)
+    noop = start(Server("noop", workdir, core=SERVER_CORE))
     notifier_command = args.notifier.split()
-    notifier = start_notifier(notifier_command, workdir)
+    notifier = start(Server("notifier", workdir, core=SERVER_CORE, notifier=notifier_command[0],
+                            serve=notifier_command))
     totals = Totals()
 
     def measure(server: Server, path: str, connections: int, per_request: int, seconds: float, label: str) -> Load:
@@ -579,7 +477,7 @@ def main() -> int:
     try:
         print(f"server core {SERVER_CORE}, load core {CLIENT_CORE}, load generator: {client_name}")
         print(f"notifier: {' '.join(notifier_command)} "
-              f"(store {workdir / 'notifier.db'}, on {filesystem_type(workdir)}); source {source_revision()}")
+              f"(store {notifier.dir / 'notifier.db'}, on {filesystem_type(workdir)}); source {git_version()}")
         print(f"{args.rounds} rounds x {args.duration:g} s per case, order reversed every other round; "
               f"{args.warmup:g} s warm-up per case first;\na round in which anything else took over "
               f"{OTHER_LIMIT:.0%} of core {SERVER_CORE} is set aside and run again (up to "
@@ -618,7 +516,7 @@ def main() -> int:
             trace_path = workdir / "strace.txt"
             tracer = subprocess.Popen(
                 ["taskset", "-c", str(CLIENT_CORE), "strace", "-f", "-c", "-e", "trace=fsync,fdatasync",
-                 "-o", str(trace_path), "-p", str(notifier.process.pid)],
+                 "-o", str(trace_path), "-p", str(notifier.proc.pid)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 time.sleep(1)  # attaching to every thread
@@ -635,7 +533,7 @@ def main() -> int:
         heads = settled_heads(notifier.port)
         sample = last_message(notifier.port, "bench.t0", heads["bench.t0"])
         notifier.stop(signal.SIGKILL)
-        notifier = start_notifier(notifier_command, workdir, notifier.port)
+        start(notifier)
         heads_after_kill = read_heads(notifier.port)
     finally:
         noop.stop()
