@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any, Coroutine
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+# A load generator at this much CPU (% of its core) or more may have set the
+# pace rather than the server: the reports flag such figures.
+CLIENT_BOUND_PCT = 90
 
 
 def log(msg: str) -> None:

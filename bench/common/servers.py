@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from bench.common.proc import OUR_PIDS, cpu_seconds, memory_bytes, proc_tree
+from bench.common.proc import OUR_PIDS, cpu_seconds, memory_bytes, proc_tree, run_queue_wait
 from bench.common.run import ROOT, raise_nofile
 
 TOPIC = "bench"
@@ -171,6 +171,10 @@ class Server:
     def cpu(self) -> float:
         return cpu_seconds(self.pids)
 
+    def waited(self) -> float:
+        """Seconds it was runnable but another task had its core."""
+        return run_queue_wait(self.pids)
+
     def rss(self) -> int:
         return memory_bytes(self.pids)
 
@@ -187,6 +191,17 @@ class Server:
         except OSError:
             return ""
         return "\n".join(lines[-n:])
+
+    async def wait_exit(self, timeout: float = 15.0) -> None:
+        """Until the process has exited (after a signal), without blocking the
+        event loop; killed after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait(5)
+                return
+            await asyncio.sleep(0.01)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is None or self.proc.poll() is not None:

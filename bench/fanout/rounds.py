@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.common.clients import (TEXT, Hub, Pub, Sub, close_all, connect_publisher, connect_subscribers,
                                   make_data_template, noop, stamp)
 from bench.common.proc import OUR_PIDS, core_times, others_cpu_delta, proc_tree, user_process_times, wait_quiet
-from bench.common.run import log
+from bench.common.run import CLIENT_BOUND_PCT, log
 from bench.common.servers import BASELINE, LIFTED_LIMITS, TOPIC, Server
 from bench.common.stats import fmt_ratio, median, percentile
 
@@ -245,9 +245,6 @@ def summarize(targets: list[Target]) -> dict[str, dict[str, dict]]:
                 "problems": [p for r in rounds for p in r["problems"]][:5],
             }
     return out
-
-
-CLIENT_BOUND_PCT = 90
 
 
 def fmt_table(summary: dict) -> str:
