@@ -45,12 +45,13 @@ test-lowest: $(LOWEST)/.installed-test
 	$(LOWEST)/bin/python -c 'import tornado; print("tornado", tornado.version)'
 	$(LOWEST)/bin/python -m pytest $(ARGS)
 
-# Both benchmarks, one after the other (never at once: each pins its server to core 0).
+# The benchmarks, one after the other (never at once: each pins its server to core 0).
 bench: $(VENV)/.installed-bench
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk >/dev/null) \
 		|| echo "bench: wrk not installed; bench.publish falls back to its Python client" >&2
 	$(BIN)/python -m bench.publish
 	$(BIN)/python -m bench.fanout
+	$(BIN)/python -m bench.storm
 
 clean:
 	rm -rf $(VENV) $(LOWEST) var .pytest_cache
