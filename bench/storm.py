@@ -250,10 +250,13 @@ class Tally:
 
 class Session(WSListener):
     """One connection of a storm client: welcome, then `subscribed` for the
-    personal topic, then the queue, checked as it arrives."""
+    personal topic, then the queue, checked as it arrives. An abandoned one
+    (its client timed out waiting for the handshake, which may still
+    complete) hangs up as soon as it can and counts for nothing."""
 
-    def __init__(self, client: StormClient):
+    def __init__(self, client: StormClient, abandoned: bool):
         self.client = client
+        self.abandoned = abandoned
         self.stage = 0  # 0: before welcome, 1: before subscribed, 2: replay
         self.got: list[tuple[int, str]] = []
         self.completed = False
@@ -262,10 +265,19 @@ class Session(WSListener):
         self.complete = loop.create_future()
         self.ended = loop.create_future()
 
+    def abandon(self) -> None:
+        self.abandoned = True
+        if self.transport is not None:
+            self.transport.disconnect(graceful=False)
+
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        if self.abandoned:
+            transport.disconnect(graceful=False)
 
     def on_ws_frame(self, transport: WSTransport, frame) -> None:
+        if self.abandoned:
+            return
         kind = frame.msg_type
         if kind is CLOSE:
             # The close handshake (a browser's close event comes after it), then reconnect.
@@ -297,7 +309,7 @@ class Session(WSListener):
             if len(got) == len(c.expected):
                 if got == c.expected:
                     self.completed = True
-                    c.done_at = time.monotonic()
+                    c.done_at, c.done_by = time.monotonic(), self
                     tally.complete += 1
                     self.complete.set_result(None)
                 else:
@@ -312,7 +324,8 @@ class Session(WSListener):
         c = self.client
         if self.completed:
             c.tally.complete -= 1
-        c.done_at = None
+        if c.done_by is self:
+            c.done_at = c.done_by = None
         # Either may have been cancelled with a client's task at the end of the run.
         for f in (self.ended, self.complete):
             if not f.done():
@@ -330,17 +343,30 @@ class StormClient:
         self.ip = ip
         self.expected = expected
         self.tally = tally
-        self.session: Session | None = None
-        self.done_at: float | None = None  # when the open connection had delivered the whole queue
+        self.session: Session | None = None  # the last connection ws_connect returned
+        # When an open connection had delivered the whole queue, and which.
+        self.done_at: float | None = None
+        self.done_by: Session | None = None
 
     async def connect(self, args: argparse.Namespace) -> Session | None:
         tally = self.tally
+        made: list[Session] = []
+        gave_up = False
+
+        def listener() -> Session:
+            made.append(Session(self, gave_up))
+            return made[-1]
+
         try:
             _, session = await asyncio.wait_for(
-                ws_connect(lambda: Session(self), self.url, websocket_handshake_timeout=args.connect_timeout,
+                ws_connect(listener, self.url, websocket_handshake_timeout=args.connect_timeout,
                            local_addr=(self.ip, 0), read_buffer_init_size=4096),
                 args.connect_timeout)
         except asyncio.TimeoutError:
+            # Cancelling ws_connect does not close a connection whose handshake is under way.
+            gave_up = True
+            for s in made:
+                s.abandon()
             tally.failed["timeout"] += 1
             return None
         except WSInvalidStatusError as exc:
@@ -397,6 +423,11 @@ async def queue_messages(server: Server, users: list[str], per_user: int) -> lis
     return expected
 
 
+def with_queue(clients: list[StormClient], since: float = 0.0) -> int:
+    """Clients whose open connection delivered the whole queue after `since`."""
+    return sum(1 for c in clients if c.done_at is not None and c.done_at > since)
+
+
 async def until(condition, timeout: float, every: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -429,8 +460,9 @@ async def storm_test(workdir: Path, args: argparse.Namespace) -> dict:
         gate = asyncio.Semaphore(args.concurrency)
         w = Window(server)
         tasks = [asyncio.create_task(c.run(args, gate)) for c in clients]
-        if not await until(lambda: tally.complete == n, args.storm_timeout):
-            raise RuntimeError(f"fresh connect: only {tally.complete:,} of {n:,} clients had their queue "
+        if not await until(lambda: tally.complete >= n and all(c.done_at is not None for c in clients),
+                           args.storm_timeout):
+            raise RuntimeError(f"fresh connect: only {with_queue(clients):,} of {n:,} clients had their queue "
                                f"after {args.storm_timeout:.0f} s; attempts failed: {dict(tally.failed)}")
         fresh = w.end(max(c.done_at for c in clients))
         fresh.update(connections=tally.connections, failed=dict(tally.failed),
@@ -470,7 +502,7 @@ async def storm_test(workdir: Path, args: argparse.Namespace) -> dict:
             await server.wait_listening()
             t_listen = time.monotonic()
             # Done: every client has its queue on a connection opened after the old process exited.
-            done = await until(lambda: tally.complete == n
+            done = await until(lambda: tally.complete >= n
                                and all(c.done_at is not None and c.done_at > t_exit for c in clients),
                                args.storm_timeout, every=0.05)
         finally:
@@ -481,7 +513,7 @@ async def storm_test(workdir: Path, args: argparse.Namespace) -> dict:
         storm["server_wait_pct"] = 100 * server.waited() / (time.monotonic() - t_exit)
         del storm["server_cpu_pct"]
         storm.update(
-            complete=done, clients_with_queue=tally.complete, exit_s=t_exit - t_term,
+            complete=done, clients_with_queue=with_queue(clients, t_exit), exit_s=t_exit - t_term,
             listening_s=t_listen - t_term, connections=tally.connections, failed=dict(tally.failed),
             server_cpu_s=server.cpu(), server_cpu_ms_per_client=1e3 * server.cpu() / n)
         out["storm"] = storm
@@ -490,7 +522,8 @@ async def storm_test(workdir: Path, args: argparse.Namespace) -> dict:
         log(f"storm: restart: old process exited after {storm['exit_s']:.2f} s (code {out['old_exit_code']}), "
             f"new one listening after {storm['listening_s']:.2f} s; "
             + (f"every queue in {storm['elapsed_s']:.1f} s" if done else
-               f"NOT DONE: {tally.complete:,}/{n:,} clients had their queue after {args.storm_timeout:.0f} s")
+               f"NOT DONE: {storm['clients_with_queue']:,}/{n:,} clients had their queue after "
+               f"{args.storm_timeout:.0f} s")
             + f"; {tally.connections:,} connections, failed attempts {dict(tally.failed)}, "
             f"{storm['listen_overflows']} accept-queue overflows; peak RSS "
             f"{out['peak_rss_mib']:.1f} MiB; server waited {storm['server_wait_pct']:.0f}% for its core, load CPU "
