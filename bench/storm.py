@@ -732,7 +732,7 @@ async def amain(args: argparse.Namespace) -> int:
     verdicts = goals(ready, storm, args)
     total_s = time.monotonic() - started
     cmd = "python -m bench.storm " + " ".join(sys.argv[1:])
-    header = (f"server on core {args.server_core}, load generator (picows clients) on core {args.client_core}; "
+    header = (f"server on core {args.server_core}, load generator on core {args.client_core}; "
               f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} cores; "
               f"notifier at {git_version()}; run took {total_s:.0f} s")
     md = [f"Command: `{cmd.strip()}`", "", header]
