@@ -83,8 +83,8 @@ from picows import WSError, WSInvalidStatusError, WSListener, WSMsgType, WSTrans
 from bench.common.clients import Hub, RawSub
 from bench.common.proc import (OUR_PIDS, listen_overflows, others_cpu_delta, run_quietly, user_process_times,
                                wait_quiet)
-from bench.common.run import (CLIENT_BOUND_PCT, ROOT, git_version, log, pin_load_generator, raise_nofile, run,
-                              source_ips)
+from bench.common.run import (CLIENT_BOUND_PCT, add_run_args, git_version, log, pin_load_generator, raise_nofile,
+                              run, source_ips)
 from bench.common.servers import BASELINE, JWT_SECRET, Server, http
 from bench.common.stats import fmt_ratio, median
 
@@ -775,18 +775,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storm-timeout", type=float, default=300.0,
                    help="seconds the fresh connect, and then the storm, may take before the run gives up")
     p.add_argument("--settle", type=float, default=2.0, help="seconds to wait before reading RSS, and between rounds")
-    p.add_argument("--max-others", type=float, default=20.0,
-                   help="a ready/s round during which other processes used more CPU %% than this is repeated")
-    p.add_argument("--retries", type=int, default=2, help="repeats of a disturbed round")
-    p.add_argument("--quiet-timeout", type=float, default=20.0,
-                   help="seconds to wait for other processes to calm down (before each round and the storm)")
-    p.add_argument("--server-core", type=int, default=0)
-    p.add_argument("--client-core", type=int, default=1)
-    p.add_argument("--source-ips", type=int, default=0,
-                   help="spread client connections over 127.0.0.1..N (0: enough for the connection count)")
-    p.add_argument("--notifier", default=str(ROOT / ".venv" / "bin" / "notifier"))
-    p.add_argument("--results", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--keep-logs", action="store_true", help="keep the servers' logs and stores")
+    add_run_args(p)
     p.add_argument("--quick", action="store_true", help="smoke run: 500 clients in each test, 1 round")
     args = p.parse_args(argv)
     if args.queued < 1:

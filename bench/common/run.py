@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 import os
@@ -20,6 +21,23 @@ CLIENT_BOUND_PCT = 90
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The options bench.fanout and bench.storm share: a shared machine's
+    quiet waits and repeats, cores, source addresses, notifier, results."""
+    p.add_argument("--max-others", type=float, default=20.0,
+                   help="a round during which other processes used more CPU %% than this is repeated")
+    p.add_argument("--retries", type=int, default=2, help="repeats of a disturbed round")
+    p.add_argument("--quiet-timeout", type=float, default=20.0,
+                   help="seconds to wait for other processes to calm down (at start and before a repeat)")
+    p.add_argument("--server-core", type=int, default=0)
+    p.add_argument("--client-core", type=int, default=1)
+    p.add_argument("--source-ips", type=int, default=0,
+                   help="spread client connections over 127.0.0.1..N (0: enough for the connection count)")
+    p.add_argument("--notifier", default=str(ROOT / ".venv" / "bin" / "notifier"))
+    p.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--keep-logs", action="store_true", help="keep the servers' logs and stores")
 
 
 def raise_nofile() -> None:

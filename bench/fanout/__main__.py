@@ -83,7 +83,8 @@ from typing import Any
 from bench import send_floor
 from bench.common.clients import message_wire_size
 from bench.common.proc import OUR_PIDS, others_cpu_delta, run_quietly, user_process_times, wait_quiet
-from bench.common.run import ROOT, git_version, log, pin_load_generator, raise_nofile, run, source_ips
+from bench.common.run import (ROOT, add_run_args, git_version, log, pin_load_generator, raise_nofile, run,
+                              source_ips)
 from bench.common.servers import BASELINE, PEERS, NOTIFIERS, server_preexec
 from bench.fanout import http_publish, memory, rounds
 
@@ -236,21 +237,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep-alive connections the HTTP publisher opens before the measurement and sends on "
                         "(open loop: each request goes at its time on any idle one)")
     p.add_argument("--stall-timeout", type=float, default=15.0, help="fail a round after this long without progress")
-    p.add_argument("--max-others", type=float, default=20.0,
-                   help="a round during which other processes used more CPU %% than this is repeated")
-    p.add_argument("--retries", type=int, default=2, help="repeats of a disturbed round")
     p.add_argument("--retry-until", type=float, default=360.0,
                    help="no more repeats of disturbed rounds after this many seconds into the run")
-    p.add_argument("--quiet-timeout", type=float, default=20.0,
-                   help="seconds to wait for other processes to calm down (at start and before a repeat)")
-    p.add_argument("--server-core", type=int, default=0)
-    p.add_argument("--client-core", type=int, default=1)
-    p.add_argument("--source-ips", type=int, default=0,
-                   help="spread client connections over 127.0.0.1..N (0: enough for the connection count)")
-    p.add_argument("--notifier", default=str(ROOT / ".venv" / "bin" / "notifier"))
-    p.add_argument("--results", default=str(ROOT / "bench" / "results"))
     p.add_argument("--plot", default=str(ROOT / "bench" / "fanout.png"), help="'' to skip")
-    p.add_argument("--keep-logs", action="store_true", help="keep the servers' logs and stores")
+    add_run_args(p)
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 200 subscribers, short rounds, 2,000 idle connections, 100 floor rounds, "
                         "1 s of HTTP")
