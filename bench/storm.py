@@ -42,9 +42,10 @@ pinned to --client-core), starts every server as a subprocess pinned to
   the restarted process's VmHWM at the end of the storm (VmRSS is also
   sampled every 0.1 s); no acknowledgement means no cursor writes either.
 * The machine may be shared: the CPU of every other process is recorded, and
-  how long the server waited for its core while it was runnable
-  (/proc/<pid>/task/*/schedstat; short-lived processes escape the first
-  figure, not this one). A ready/s round during which either exceeded
+  how long other tasks at least kept the server's event loop from its core:
+  the main thread's run-queue wait (schedstat) less the CPU of the server's
+  other threads (short-lived processes escape the first figure, not this
+  one). A ready/s round during which either exceeded
   --max-others % is repeated (up to --retries times) after waiting for
   quiet; the storm is not repeated, its figures are printed beside it.
 * Accept-queue overflows (TcpExt ListenOverflows, machine-wide) are counted
@@ -107,9 +108,9 @@ def tokens(users: list[str]) -> list[str]:
 
 class Window:
     """CPU of a server, of this process and of every other process over a
-    stretch of the run, and how long the server waited for its core: on a
-    shared machine short-lived processes escape the per-process count, but
-    not the server's run-queue wait."""
+    stretch of the run, and how long other tasks at least kept the server's
+    event loop from its core (Server.waited): on a shared machine short-lived
+    processes escape the per-process count, not that."""
 
     def __init__(self, server: Server):
         self.server = server
@@ -132,7 +133,7 @@ class Window:
             "server_cpu_pct": 100 * (self.server.cpu() - self.cpu0) / wall,
             "load_cpu_pct": 100 * load / wall,
             "others_cpu_pct": 100 * others_cpu_delta(self.others0, user_process_times(self.exclude)) / wall,
-            "server_wait_pct": 100 * (self.server.waited() - self.wait0) / wall,
+            "server_wait_pct": 100 * max(0.0, self.server.waited() - self.wait0) / wall,
             "listen_overflows": listen_overflows() - self.overflows0,
         }
 
@@ -214,8 +215,8 @@ async def ready_test(workdir: Path, args: argparse.Namespace) -> dict[str, list[
                     r["server"] = name
                 else:
                     log(f"{s.name:16s} round {rnd}/{args.rounds}: {r['ready_per_s']:7,.0f} ready/s, server CPU "
-                        f"{r['server_cpu_ms_per_conn']:.3f} ms per connection ({r['server_cpu_pct']:.0f}%, waited "
-                        f"{r['server_wait_pct']:.0f}% for its core), load CPU {r['load_cpu_pct']:.0f}%, "
+                        f"{r['server_cpu_ms_per_conn']:.3f} ms per connection ({r['server_cpu_pct']:.0f}%, kept "
+                        f"from its core {r['server_wait_pct']:.0f}%), load CPU {r['load_cpu_pct']:.0f}%, "
                         f"other processes {r['others_cpu_pct']:.0f}%, {r['listen_overflows']} accept-queue overflows"
                         + (f", {r['failed']} failed: {r['first_error']}" if r["failed"] else ""))
                 rounds[name].append(r)
@@ -468,8 +469,8 @@ async def storm_test(workdir: Path, args: argparse.Namespace) -> dict:
         fresh.update(connections=tally.connections, failed=dict(tally.failed),
                      server_cpu_ms_per_client=1e3 * fresh["server_cpu_s"] / n)
         log(f"storm: fresh connect, {n:,} clients {args.concurrency} at a time: every queue in "
-            f"{fresh['elapsed_s']:.1f} s, server CPU {fresh['server_cpu_s']:.1f} s (waited "
-            f"{fresh['server_wait_pct']:.0f}% for its core), load CPU "
+            f"{fresh['elapsed_s']:.1f} s, server CPU {fresh['server_cpu_s']:.1f} s (kept from its core "
+            f"{fresh['server_wait_pct']:.0f}%), load CPU "
             f"{fresh['load_cpu_pct']:.0f}%, other processes {fresh['others_cpu_pct']:.0f}%, "
             f"{fresh['listen_overflows']} accept-queue overflows")
         await asyncio.sleep(args.settle)
@@ -510,7 +511,7 @@ async def storm_test(workdir: Path, args: argparse.Namespace) -> dict:
         last = max((c.done_at for c in clients if c.done_at is not None), default=None)
         storm = w.end(last if done else None)
         # The window started on the old process: CPU and wait are the new one's, start-up included.
-        storm["server_wait_pct"] = 100 * server.waited() / (time.monotonic() - t_exit)
+        storm["server_wait_pct"] = 100 * max(0.0, server.waited()) / (time.monotonic() - t_exit)
         del storm["server_cpu_pct"]
         storm.update(
             complete=done, clients_with_queue=with_queue(clients, t_exit), exit_s=t_exit - t_term,
@@ -526,7 +527,7 @@ async def storm_test(workdir: Path, args: argparse.Namespace) -> dict:
                f"{args.storm_timeout:.0f} s")
             + f"; {tally.connections:,} connections, failed attempts {dict(tally.failed)}, "
             f"{storm['listen_overflows']} accept-queue overflows; peak RSS "
-            f"{out['peak_rss_mib']:.1f} MiB; server waited {storm['server_wait_pct']:.0f}% for its core, load CPU "
+            f"{out['peak_rss_mib']:.1f} MiB; server kept from its core {storm['server_wait_pct']:.0f}%, load CPU "
             f"{storm['load_cpu_pct']:.0f}%, "
             f"other processes {storm['others_cpu_pct']:.0f}%")
 
@@ -573,7 +574,7 @@ def _bound(load_pct: float) -> str:
 def fmt_ready(summary: dict[str, dict], args: argparse.Namespace) -> str:
     base = summary.get(BASELINE, {})
     lines = ["| server | ready when | clients | ready/s | server CPU per connection, ms | server CPU % "
-             "| server waited for its core % | load generator CPU % | other processes CPU % "
+             "| server kept from its core % | load generator CPU % | other processes CPU % "
              "| accept-queue overflows | failed |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     what = {"notifier": "`subscribed` for its personal topic", BASELINE: "handshake done (bare)"}
@@ -591,9 +592,9 @@ def fmt_ready(summary: dict[str, dict], args: argparse.Namespace) -> str:
     lines += ["", f"{args.concurrency} at a time, medians of {args.rounds} rounds per server (alternating, after "
                   f"a warm-up); ready/s spread: "
               + "; ".join(f"{name} {r['spread_ready_per_s'][0]:,.0f}-{r['spread_ready_per_s'][1]:,.0f}"
-                          for name, r in summary.items()) + ". \"Server waited for its core\": the share of "
-              "the time the server was runnable while another task had its core (schedstat): a high one means "
-              "the machine, not the server, set the pace. \"Accept-queue overflows\": connections the kernel dropped "
+                          for name, r in summary.items()) + ". \"Server kept from its core\": at least this share "
+              "of the time other tasks had the core the server's event loop was waiting for (its run-queue wait "
+              "less its other threads' CPU): a high one means the machine, not the server, set the pace. \"Accept-queue overflows\": connections the kernel dropped "
               "because the server's listen queue was full (TcpExt ListenOverflows, whole machine); each costs its "
               "client a TCP retransmission (0.2 to 1 s or more), so they lower ready/s without using CPU."]
     if any(r["load_cpu_pct"] >= CLIENT_BOUND_PCT for r in summary.values()):
@@ -610,7 +611,7 @@ def fmt_storm(s: dict) -> str:
         return ", ".join(f"{k}: {v:,}" for k, v in sorted(d.items())) or "none"
 
     lines = [
-        "| phase | time, s | server CPU, s | server CPU per client, ms | server waited for its core % "
+        "| phase | time, s | server CPU, s | server CPU per client, ms | server kept from its core % "
         "| load generator CPU % | other processes CPU % | accept-queue overflows | connections opened "
         "| failed attempts |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",

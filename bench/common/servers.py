@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from bench.common.proc import OUR_PIDS, cpu_seconds, memory_bytes, proc_tree, run_queue_wait
+from bench.common.proc import OUR_PIDS, cpu_seconds, memory_bytes, proc_tree, wait_bound
 from bench.common.run import ROOT, raise_nofile
 
 TOPIC = "bench"
@@ -172,8 +172,9 @@ class Server:
         return cpu_seconds(self.pids)
 
     def waited(self) -> float:
-        """Seconds it was runnable but another task had its core."""
-        return run_queue_wait(self.pids)
+        """proc.wait_bound() of the server process: its growth is at least how
+        long other tasks kept the event loop from its core."""
+        return wait_bound(self.proc.pid)
 
     def rss(self) -> int:
         return memory_bytes(self.pids)
