@@ -69,6 +69,16 @@ def new_id() -> str:
     return f"{int(time.time() * 1000):012x}{_PROCESS_TAG}{next(_counter) & 0xFFFFFF:06x}"
 
 
+_connections = itertools.count(1)
+
+
+def new_connection_id() -> str:
+    """A connection's id, unique among every process's: 16 hex digits, 6
+    naming the process and 10 of a counter (reading the OS's randomness for
+    each one costs more than the rest of building a handler)."""
+    return f"{_PROCESS_TAG}{next(_connections) & 0xFFFFFFFFFF:010x}"
+
+
 def rfc3339(timestamp: float) -> str:
     moment = datetime.fromtimestamp(timestamp, timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

@@ -9,7 +9,6 @@ replies come back through ``send``; the protocol's rules live in
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING, Awaitable
 from urllib.parse import urlsplit
 
@@ -21,6 +20,7 @@ from notifier.auth import AuthError, Identity, KeyNotCached, TokenVerifier
 from notifier.config import canonical_origin
 from notifier.frames import text_frame
 from notifier.handlers.api import finish_with_error
+from notifier.messages import new_connection_id
 from notifier.outbox import Outbox
 from notifier.session import Session
 
@@ -35,7 +35,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         self.identity: Identity | None = None  # until open() hands it to the session
         self.outbox: Outbox | None = None
         self.session: Session | None = None
-        self.id = uuid.uuid4().hex[:16]
+        self.id = new_connection_id()
         self.compressed = False
         self.admitted: str | None = None  # the user this connection is counted for
         self.settled = False
