@@ -36,6 +36,7 @@ MAX_GROUP = 512          # jobs per transaction: bounds one commit's latency
 PRUNE_INTERVAL = 30.0    # seconds between age-based retention passes
 PRUNE_CHUNK = 2000       # idempotency rows deleted per transaction, so publishes interleave
 PRUNE_TOPICS = 200       # topics visited per retention transaction, likewise
+READS_PER_TRIP = 64      # reads sent to a reader thread together, at most
 
 SCHEMA_VERSION = 3
 
@@ -164,6 +165,7 @@ class SQLiteStore(Store):
         self._readers: ThreadPoolExecutor | None = None
         self._reader_local = threading.local()
         self._reader_connections: list[sqlite3.Connection] = []
+        self._waiting_reads: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []
         self._heads: dict[str, int] = {}
         self.commit_observer: Callable[[float, int], None] | None = None
 
@@ -390,21 +392,54 @@ class SQLiteStore(Store):
         return db
 
     async def _read(self, run: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``run`` on a reader thread, in a snapshot. Reads asked for in
+        the same loop turn travel together: one trip to a thread and one
+        snapshot for all of them, one callback back (a burst of connections
+        each reading its personal topic would otherwise pay a thread hop,
+        a Future and a wake-up apiece)."""
         if self._readers is None:
             raise StoreError("store is closed")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        waiting = self._waiting_reads
+        waiting.append((run, future))
+        if len(waiting) == 1:
+            loop.call_soon(self._send_reads, loop)
+        return await future
 
-        def in_snapshot():
+    def _send_reads(self, loop: asyncio.AbstractEventLoop) -> None:
+        waiting, self._waiting_reads = self._waiting_reads, []
+        if self._readers is None:
+            for _, future in waiting:
+                if not future.done():
+                    future.set_exception(StoreError("store is closed"))
+            return
+        # In slices, so both reader threads share a large burst.
+        for start in range(0, len(waiting), READS_PER_TRIP):
+            self._readers.submit(self._read_many, waiting[start:start + READS_PER_TRIP], loop)
+
+    def _read_many(self, reads: list, loop: asyncio.AbstractEventLoop) -> None:
+        outcomes = []
+        try:
             db = self._reader()
             db.execute("BEGIN")
             try:
-                return run(db)
+                for run, future in reads:
+                    try:
+                        outcomes.append((future, run(db), None))
+                    except sqlite3.Error as exc:
+                        outcomes.append((future, None, StoreError(f"read failed: {exc}")))
+                    except Exception as exc:  # noqa: BLE001 - its caller gets it, the rest go on
+                        outcomes.append((future, None, exc))
             finally:
                 db.execute("COMMIT")
-
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._readers, in_snapshot)
         except sqlite3.Error as exc:
-            raise StoreError(f"read failed: {exc}") from None
+            failure = StoreError(f"read failed: {exc}")
+            outcomes = [(future, None, failure) for _, future in reads]
+        try:
+            loop.call_soon_threadsafe(_settle_reads, outcomes)
+        except RuntimeError:
+            pass  # that loop is closed; nobody is waiting any more
 
     async def read_since(self, topic: str, since: int, limit: int) -> History:
         return await self._read(lambda db: self._history(db, topic, since, limit))
@@ -488,6 +523,16 @@ def _append(txn: _Transaction, drafts: list[Draft], epoch: str) -> AppendResult:
     if key_rows:
         txn.db.executemany(UPSERT_IDEMPOTENT, key_rows)
     return AppendResult(receipts, stored)
+
+
+def _settle_reads(outcomes: list) -> None:
+    for future, result, error in outcomes:
+        if future.done():
+            continue  # the reader gave up (cancelled)
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 def _resolve(outcomes: list) -> None:
