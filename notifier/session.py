@@ -114,9 +114,12 @@ class Session:
         self.registered = True
         services.metrics.connections.inc()
         services.log.info("connection.open", conn=self.id, user=self.user, ip=self.ip)
-        self.send(protocol.welcome(self.id, self.user, self.config.heartbeat.interval,
-                                   self.identity.expires))
-        await self._subscribe(self.identity.personal_topic, None, None, None, default_since=0)
+        # The welcome leaves with the personal topic's subscribed frame (and
+        # its first replay page): one write to a new connection, not two.
+        welcome = protocol.welcome(self.id, self.user, self.config.heartbeat.interval,
+                                   self.identity.expires)
+        await self._subscribe(self.identity.personal_topic, None, None, None, default_since=0,
+                              first=welcome)
 
     def ended(self, code: int | None, reason: str | None) -> None:
         """The transport is closed: leave the hub (once)."""
@@ -215,10 +218,12 @@ class Session:
         await self._subscribe(command.topic, command.since, command.epoch, command.ref)
 
     async def _subscribe(self, topic: str, since: int | None, epoch: str | None,
-                         ref: protocol.Ref, default_since: int | None = None) -> None:
+                         ref: protocol.Ref, default_since: int | None = None,
+                         first: bytes | None = None) -> None:
         """Subscribe, replay from ``since`` (else the stored cursor, else
         ``default_since``; None means live only), then go live. ``epoch``
-        is the log the client's ``since`` counts in, if it said."""
+        is the log the client's ``since`` counts in, if it said. ``first``,
+        if given, is sent just before the answer (subscribed or error)."""
         services = self.services
         hub = services.hub
         store = services.store
@@ -261,9 +266,13 @@ class Session:
         except StoreError as exc:
             hub.unsubscribe(self, topic)
             services.log.error("store.read_failed", topic=topic, error=str(exc))
+            if first is not None:
+                self.send(first)
             self._error(ProtocolError(protocol.UNAVAILABLE, "history is unavailable; retry", ref))
             return
         subscription.epoch = page.epoch
+        if first is not None:
+            self.send(first)
         if since is None:  # live only
             subscription.last_seq = page.head
             self.send(protocol.subscribed(topic, page.head, page.epoch, recovered, ref))
