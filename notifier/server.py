@@ -30,6 +30,10 @@ from notifier.store.sqlite import SQLiteStore
 from notifier.workers import ALIVE_EVERY, WorkerReports
 
 STATUS_INTERVAL = 5.0
+# Connections the kernel holds for accept(): in a reconnect storm, one that
+# finds the queue full is dropped and retried a second or more later. The
+# kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
 
 
 def resolve_secrets(config: Config) -> DevCredentials | None:
@@ -121,7 +125,7 @@ class Server:
         try:
             # Workers share the port; the kernel spreads connections among them.
             sockets = bind_sockets(config.server.port, config.server.host,
-                                   reuse_port=self.reports is not None)
+                                   reuse_port=self.reports is not None, backlog=LISTEN_BACKLOG)
         except OSError as exc:
             print(f"notifier: cannot listen on {config.server.host}:{config.server.port}: "
                   f"{exc.strerror}", file=sys.stderr)
