@@ -16,6 +16,7 @@ import tornado.websocket
 from tornado.iostream import StreamBufferFullError
 
 from notifier import internals, protocol
+from notifier.admission import Refusal
 from notifier.auth import AuthError, Identity, KeyNotCached, TokenVerifier
 from notifier.config import canonical_origin
 from notifier.frames import text_frame
@@ -66,6 +67,23 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         # fewer alive for the whole life of every connection.
         if self.services.draining:
             return self._refuse(503, "unavailable", "server is shutting down")
+        services = self.services
+        refusal = services.admission.crowded(services.turnstile.waiting)
+        if refusal is not None:
+            return self._refuse_with(refusal)
+        turn = services.turnstile.enter()
+        if turn is not None:
+            return self._prepare_in_turn(turn)
+        return self._check_token()
+
+    async def _prepare_in_turn(self, turn: Awaitable[None]) -> None:
+        """A burst of handshakes: this one waits for its loop turn first."""
+        await turn
+        pending = self._check_token()
+        if pending is not None:
+            await pending
+
+    def _check_token(self) -> Awaitable[None] | None:
         token = self._token()
         if token is None:
             return self._refuse(401, "unauthorized", "missing token")
@@ -102,11 +120,14 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         user = self.identity.user
         refusal = self.services.admission.admit(user)
         if refusal is not None:
-            self.services.log.info("connection.refused", reason=refusal.message, user=user,
-                                   ip=self.request.remote_ip)
-            self.set_header("Retry-After", str(refusal.retry_after))
-            return self._refuse(refusal.status, refusal.code, refusal.message)
+            return self._refuse_with(refusal, user)
         self.admitted = user
+
+    def _refuse_with(self, refusal: Refusal, user: str | None = None) -> None:
+        self.services.log.info("connection.refused", reason=refusal.message, user=user,
+                               ip=self.request.remote_ip)
+        self.set_header("Retry-After", str(refusal.retry_after))
+        self._refuse(refusal.status, refusal.code, refusal.message)
 
     def _leave(self) -> None:
         """Count this connection out of admission, once."""

@@ -1,0 +1,114 @@
+"""Many connections at once (a reconnect storm): each still gets welcome,
+then its replay, then live messages, with no gap and nothing twice; a
+publish made during the burst reaches every subscriber; the turnstile lets
+a few handshakes through per loop turn, in order, with other work between."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from notifier.admission import Turnstile
+from support import api, connect, token
+
+BURST = 150
+
+
+async def open_raw(port: int, user: str):
+    """A client that has only sent its handshake: frames are read later."""
+    return await connect(port, token(user, topics=["storm.>"]), welcome=False)
+
+
+async def test_welcome_replay_then_live_in_order_for_a_burst_of_connections(port):
+    users = [f"u{n}" for n in range(BURST)]
+    status, _ = await api(port, "POST", "/api/publish/batch", {"messages": [
+        {"user": user, "data": {"queued": q}} for user in users for q in range(3)]})
+    assert status == 200
+    connecting = [asyncio.ensure_future(open_raw(port, user)) for user in users]
+    # Live messages to the same personal topics while the burst is set up.
+    live = asyncio.ensure_future(api(port, "POST", "/api/publish/batch", {"messages": [
+        {"user": user, "data": {"live": True}} for user in users]}))
+    clients = await asyncio.gather(*connecting)
+    assert (await live)[0] == 200
+    for user, client in zip(users, clients):
+        welcome = await client.expect("welcome")
+        assert welcome["user"] == user
+        subscribed = await client.expect("subscribed")
+        assert subscribed["topic"] == f"user:{user}"
+        seqs = []
+        while len(seqs) < 4:
+            frame = await client.recv()
+            assert frame["type"] == "message", frame
+            seqs.append(frame["seq"])
+        assert seqs == [1, 2, 3, 4]  # replayed 1..3, then the live one, once
+        await client.nothing(0.01)
+    for client in clients:
+        client.close()
+
+
+async def test_a_publish_during_a_connect_burst_reaches_every_subscriber(port):
+    watchers = []
+    for n in range(40):
+        client = await connect(port, token(f"w{n}", topics=["storm.>"]))
+        await client.send({"type": "subscribe", "topic": "storm.news"})
+        await client.expect("subscribed")
+        watchers.append(client)
+    burst = [asyncio.ensure_future(connect(port, token(f"b{n}"))) for n in range(BURST)]
+    published = []
+    for n in range(20):
+        status, body = await api(port, "POST", "/api/publish", {"topic": "storm.news", "data": n})
+        assert status == 200
+        published.append(body["seq"])
+        await asyncio.sleep(0.005)
+    newcomers = await asyncio.gather(*burst)
+    for client in watchers:
+        seqs = [(await client.expect("message"))["seq"] for _ in published]
+        assert seqs == published
+        await client.nothing(0.01)
+    for client in watchers + newcomers:
+        client.close()
+
+
+# The turnstile itself
+
+
+async def test_the_turnstile_lets_a_few_through_per_turn_in_order_with_other_work_between():
+    turnstile = Turnstile(per_turn=2)
+    events: list[str] = []
+
+    async def handshake(name: str) -> None:
+        wait = turnstile.enter()
+        if wait is not None:
+            await wait
+        events.append(name)
+
+    async def other_work() -> None:
+        for n in range(3):
+            events.append(f"other{n}")
+            await asyncio.sleep(0)
+
+    tasks = [asyncio.ensure_future(handshake(f"h{n}")) for n in range(6)]
+    tasks.append(asyncio.ensure_future(other_work()))
+    await asyncio.gather(*tasks)
+    handshakes = [event for event in events if event.startswith("h")]
+    assert handshakes == [f"h{n}" for n in range(6)]  # arrival order
+    # Two go in the first turn; the rest wait, and other work runs between them.
+    assert events.index("other1") < events.index("h4")
+    first_turn = events[:events.index("other0")]
+    assert first_turn == ["h0", "h1"]
+
+
+async def test_a_client_gone_while_waiting_does_not_use_a_turn():
+    turnstile = Turnstile(per_turn=1)
+    assert turnstile.enter() is None
+    gone, kept = turnstile.enter(), turnstile.enter()
+    gone.cancel()
+    await asyncio.wait_for(kept, 1)
+    assert not turnstile._waiting
+
+
+@pytest.fixture
+def config(config):
+    config.limits.connections_per_user = 0
+    return config
