@@ -31,7 +31,7 @@ from notifier.sd_notify import SystemdNotifier
 
 ALIVE_EVERY = 1.0          # seconds between a worker's alive reports
 ALIVE_WITHIN = 3 * ALIVE_EVERY
-START_GRACE = 15.0         # a starting worker counts as alive this long
+START_GRACE = 15.0         # a starting worker counts as alive this long, until ready
 RESTART_FIRST = 0.1
 RESTART_MOST = 5.0
 YOUNG = 10.0               # a worker that dies younger than this backs off more
@@ -48,9 +48,13 @@ class Worker:
         self.restart_delay = RESTART_FIRST
 
     def alive(self, now: float) -> bool:
+        """Reported from its event loop lately; a worker (re)starting gets
+        START_GRACE to say it is ready."""
         if self.process is None or self.process.returncode is not None:
             return False
-        return now - max(self.last_alive, self.started + START_GRACE - ALIVE_WITHIN) < ALIVE_WITHIN
+        if not self.ready:
+            return now - self.started < START_GRACE
+        return now - self.last_alive < ALIVE_WITHIN
 
 
 class Supervisor:

@@ -355,3 +355,37 @@ def test_workers_need_redis_and_say_so_in_one_line(tmp_path):
     assert server.wait(15) == 2
     lines = server.stderr().strip().splitlines()
     assert len(lines) == 1 and "redis" in lines[0]
+
+
+@pytest.mark.slow
+def test_workers_under_systemd_ready_once_all_listen_and_watchdog_only_while_all_alive(
+        cluster, tmp_path):
+    import os
+
+    from support import bind_notify_socket
+    from test_systemd_integration import Manager, watchdogs
+    from notifier.workers import ALIVE_WITHIN
+
+    sock, address = bind_notify_socket("path", tmp_path)
+    manager = Manager(sock, address)
+    server = ServerProcess(tmp_path, args=["--workers", "2"], env=cluster.env(
+        NOTIFY_SOCKET=address, WATCHDOG_USEC="2000000")).start()
+    try:
+        manager.until(lambda line: line == "READY=1", timeout=30)
+        # Both workers listened (each logs server.started first) by then.
+        until(lambda: len(server.find_events("server.started")) == 2, timeout=2)
+        assert watchdogs(manager.collect(2.5)) >= 2  # every second, half of 2 s
+        stuck = server.find_events("worker.started")[0]["pid"]
+        os.kill(stuck, signal.SIGSTOP)  # its event loop reports no more
+        try:
+            manager.collect(ALIVE_WITHIN + 1.0)
+            assert watchdogs(manager.collect(2.0)) == 0
+        finally:
+            os.kill(stuck, signal.SIGCONT)
+        assert watchdogs(manager.collect(3.0)) >= 1
+        server.signal(signal.SIGTERM)
+        manager.until(lambda line: line == "STOPPING=1", timeout=5)
+        assert server.wait(20) == 0
+    finally:
+        server.kill()
+        sock.close()
