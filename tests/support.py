@@ -117,6 +117,11 @@ def lines(stream) -> list[dict]:
     return parsed
 
 
+def events(stream, name: str) -> list[dict]:
+    """The captured log lines (``lines``) whose event is ``name``."""
+    return [line for line in lines(stream) if line.get("event") == name]
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
 

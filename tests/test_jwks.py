@@ -6,18 +6,15 @@ pinned algorithms; and the config rules around ``auth.jwks_url``."""
 from __future__ import annotations
 
 import asyncio
-import io
-import logging
 
-import orjson
 import pytest
 from jwt.algorithms import RSAAlgorithm
 
 from idp import IdentityProvider, SigningKey, claims
-from notifier import logs
 from notifier.auth import AuthError, KeyNotCached, TokenVerifier
 from notifier.config import AuthConfig, ConfigError, load
 from notifier.jwks import parse_jwks
+from support import events
 
 MIN_INTERVAL = 0.5
 
@@ -67,22 +64,7 @@ async def refused(verifier: TokenVerifier, token: str) -> str:
     return str(caught.value)
 
 
-@pytest.fixture
-def captured():
-    saved_logs = logs.settings()
-    root = logging.getLogger()
-    saved_handlers, saved_level = root.handlers[:], root.level
-    stream = io.StringIO()
-    logs.configure("debug", stream=stream)
-    yield stream
-    logs.configure(*saved_logs)
-    root.handlers[:] = saved_handlers
-    root.setLevel(saved_level)
 
-
-def events(stream: io.StringIO, name: str) -> list[dict]:
-    return [line for line in map(orjson.loads, stream.getvalue().splitlines())
-            if line["event"] == name]
 
 
 class TestRotation:

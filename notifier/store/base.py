@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
+from notifier import logs
 from notifier.messages import Draft, Message
 
 IDEMPOTENCY_WINDOW = 24 * 3600.0
+
+_log = logs.get("notifier.store")
 
 
 class StoreError(Exception):
@@ -151,3 +154,21 @@ class Store(ABC):
     async def ping(self) -> None:
         """Return when the store answers; raise StoreError otherwise."""
 
+
+def resolve_in_order(outcomes: Iterable[tuple[Any, Any, BaseException | None]]) -> None:
+    """Hand each job of one commit (anything with ``future`` and
+    ``on_done``) its outcome, in commit order, in this one step: every
+    ``on_done`` runs before any awaiting caller resumes, as ``append``
+    promises, even for a caller that gave up, since the work is stored."""
+    for job, result, error in outcomes:
+        if error is None and job.on_done is not None:
+            try:
+                job.on_done(result)
+            except Exception:  # noqa: BLE001 - the other jobs of the group must resolve
+                _log.error("store.on_durable_failed", exc_info=True)
+        if job.future.done():
+            continue  # the caller gave up (cancelled); the work is stored regardless
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)

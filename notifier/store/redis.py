@@ -61,7 +61,7 @@ from notifier import logs, redis_format
 from notifier.messages import Draft, Message, new_id, rfc3339
 from notifier.store.base import (
     IDEMPOTENCY_WINDOW, AppendResult, History, Position, Receipt, Resume, SeqAboveHead, Store,
-    StoreError,
+    StoreError, resolve_in_order,
 )
 
 _log = logs.get("notifier.store")
@@ -418,8 +418,8 @@ class RedisStore(Store):
                 await self._commit(jobs)
             except Exception as exc:  # noqa: BLE001 - the writer must outlive one bad group
                 _log.error("store.write_failed", error=_one_line(exc))
-                _resolve([(job, None, StoreError(f"write failed: {_one_line(exc)}"))
-                          for job in jobs if not job.future.done()])
+                resolve_in_order([(job, None, StoreError(f"write failed: {_one_line(exc)}"))
+                                  for job in jobs if not job.future.done()])
 
     async def _commit(self, jobs: list[_Job]) -> None:
         started = time.perf_counter()
@@ -465,13 +465,13 @@ class RedisStore(Store):
         if self.commit_observer is not None:
             self.commit_observer(time.perf_counter() - started, len(jobs))
         # One step for the whole pipeline, in its order: Redis's commit order.
-        _resolve(outcomes)
+        resolve_in_order(outcomes)
         if missing:
             try:
                 await self._load_scripts()
             except (RedisError, OSError) as exc:
                 failure = self._failure(exc)
-                _resolve([(job, None, failure) for job in missing])
+                resolve_in_order([(job, None, failure) for job in missing])
                 return
             self._pending.extendleft(reversed(missing))
 
@@ -635,20 +635,3 @@ def _position(cursor: bytes | None) -> Position | None:
         return None
     seq, epoch = cursor.decode().split(" ")
     return Position(int(seq), epoch)
-
-
-def _resolve(outcomes: list) -> None:
-    """Hand each job its outcome, in order, in this one step: every
-    ``on_done`` runs before any awaiting caller resumes."""
-    for job, result, error in outcomes:
-        if error is None and job.on_done is not None:
-            try:
-                job.on_done(result)  # even for a caller that gave up: the work is stored
-            except Exception:  # noqa: BLE001 - the other jobs of the group must resolve
-                _log.error("store.on_durable_failed", exc_info=True)
-        if job.future.done():
-            continue  # the caller gave up (cancelled); the work is stored regardless
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)

@@ -27,7 +27,7 @@ from notifier.messages import Draft, Message, new_id, rfc3339
 from notifier.protocol import MAX_SEQ
 from notifier.store.base import (
     IDEMPOTENCY_WINDOW, AppendResult, History, Position, Receipt, Resume, SeqAboveHead, Store,
-    StoreError,
+    StoreError, resolve_in_order,
 )
 
 _log = logs.get("notifier.store")
@@ -301,7 +301,8 @@ class SQLiteStore(Store):
                 except Exception as exc:  # noqa: BLE001 - handed to the waiting caller
                     db.execute("ROLLBACK TO job")
                     txn.changed = changed_before
-                    outcomes.append((job, None, exc))
+                    outcomes.append((job, None, exc if isinstance(exc, StoreError)
+                                     else StoreError(str(exc))))
                 else:
                     outcomes.append((job, result, None))
                 db.execute("RELEASE job")
@@ -325,7 +326,7 @@ class SQLiteStore(Store):
             by_loop.setdefault(outcome[0].loop, []).append(outcome)
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_resolve, items)
+                loop.call_soon_threadsafe(resolve_in_order, items)
             except RuntimeError:
                 pass  # that loop is closed; nobody is waiting any more
 
@@ -533,19 +534,3 @@ def _settle_reads(outcomes: list) -> None:
             future.set_exception(error)
         else:
             future.set_result(result)
-
-
-def _resolve(outcomes: list) -> None:
-    for job, result, error in outcomes:
-        if error is None and job.on_done is not None:
-            try:
-                job.on_done(result)  # even for a caller that gave up: the work is committed
-            except Exception:  # noqa: BLE001 - the other jobs of the group must resolve
-                _log.error("store.on_durable_failed", exc_info=True)
-        if job.future.done():
-            continue  # the caller gave up (cancelled); the work is committed regardless
-        if error is not None:
-            job.future.set_exception(error if isinstance(error, StoreError)
-                                     else StoreError(str(error)))
-        else:
-            job.future.set_result(result)

@@ -8,8 +8,6 @@ redis-server of its own."""
 from __future__ import annotations
 
 import asyncio
-import io
-import logging
 import signal
 import time
 
@@ -17,12 +15,13 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from notifier import logs, redis_format
+from notifier import redis_format
 from notifier.messages import Draft
 from notifier.store.base import Position, StoreError
 from notifier.store.redis import TIMEOUT, RedisStore
 from procs import free_port
 from redis_server import RedisServer
+from support import events
 
 
 def draft(topic: str, value, key: str | None = None, event: str | None = None) -> Draft:
@@ -345,22 +344,7 @@ async def test_idle_logs_and_idempotency_keys_expire_by_themselves(open_store, r
 # What open says
 
 
-@pytest.fixture
-def captured():
-    saved = logs.settings()
-    root = logging.getLogger()
-    saved_handlers, saved_level = root.handlers[:], root.level
-    stream = io.StringIO()
-    logs.configure("info", stream=stream)
-    yield stream
-    logs.configure(*saved)
-    root.handlers[:] = saved_handlers
-    root.setLevel(saved_level)
 
-
-def events(stream: io.StringIO, name: str) -> list[dict]:
-    return [line for line in map(orjson.loads, stream.getvalue().splitlines())
-            if line["event"] == name]
 
 
 @pytest.mark.parametrize("appendonly, appendfsync, survives", [
