@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from notifier import protocol
+from notifier.messages import Draft
 from notifier.session import REPLAY_PAGE, Session
 from support import token
 
@@ -103,8 +104,7 @@ async def stored(services, topic: str, count: int) -> None:
         [_draft(topic, {"n": n}) for n in range(1, count + 1)])
 
 
-def _draft(topic: str, data) -> "Draft":
-    from notifier.messages import Draft
+def _draft(topic: str, data) -> Draft:
     return Draft(topic, orjson.dumps(data))
 
 
