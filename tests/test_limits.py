@@ -115,7 +115,7 @@ async def test_a_refused_origin_and_a_failed_upgrade_release_their_count(config,
     assert await client.read_message() is None and client.close_code == 4003
     client.close()
     # A handshake Tornado refuses after the token was accepted (bad version).
-    status, _ = await _raw_upgrade(port, token("alice"), version="8")
+    status, _ = await _raw_upgrade(port, token("alice"), version="5")
     assert status == 426
     await _until(lambda: services.admission.open == 0)
     assert services.admission.per_user == {} and services.admission.connecting == 0
