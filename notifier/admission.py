@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from notifier import protocol
 from notifier.config import LimitsConfig
@@ -81,19 +82,26 @@ class Admission:
 
 
 class Turnstile:
-    """Lets handshakes through a few per event-loop turn, in arrival order.
+    """Lets handshakes through a few per event-loop turn, in arrival order,
+    while other work is under way.
 
     A burst of new connections (every browser reconnecting after a restart)
     would otherwise all be set up in the turn their requests arrive, a
     fraction of a millisecond of CPU each: hundreds of milliseconds during
-    which publishes and fan-out already under way wait. Past ``per_turn`` in
-    a turn, a handshake waits for a later turn, behind those that came
-    first; what else arrived (a publish, a ping, the rest of a fan-out)
-    runs in between.
+    which publishes and fan-out already under way wait. While ``busy()``
+    (publishes waiting for their commit, a fan-out not yet written) at most
+    ``per_turn`` go through in a turn; a later one waits for a later turn,
+    behind those that came first, and what else arrived runs in between.
+    With nothing else to do, ``per_idle_turn`` go through: a storm with no
+    traffic besides it is set up at full speed.
     """
 
-    def __init__(self, per_turn: int):
+    def __init__(self, per_turn: int, per_idle_turn: int,
+                 busy: Callable[[], bool] = lambda: True):
         self.per_turn = per_turn
+        self.per_idle_turn = per_idle_turn
+        self.busy = busy
+        self._allowed = per_turn
         self._passed = 0
         self._waiting: deque[asyncio.Future] = deque()
         self._turn_scheduled = False
@@ -104,7 +112,7 @@ class Turnstile:
 
     def enter(self) -> asyncio.Future | None:
         """None: go on now; else a future to wait for (this handshake's turn)."""
-        if not self._waiting and self._passed < self.per_turn:
+        if not self._waiting and self._passed < self._allowed:
             self._passed += 1
             self._next_turn()
             return None
@@ -122,8 +130,9 @@ class Turnstile:
     def _turn(self) -> None:
         self._turn_scheduled = False
         self._passed = 0
+        self._allowed = self.per_turn if self.busy() else self.per_idle_turn
         waiting = self._waiting
-        while waiting and self._passed < self.per_turn:
+        while waiting and self._passed < self._allowed:
             future = waiting.popleft()
             if not future.done():  # its client may have gone meanwhile
                 future.set_result(None)

@@ -23,9 +23,11 @@ from notifier.ratelimit import TokenBucket
 from notifier.store.base import Store
 
 TOPIC = r"([^/]+)"
-# Handshakes set up per event-loop turn, at most: each costs a few tenths of
-# a millisecond, so a burst lets other work in every ~2 ms (admission.Turnstile).
+# Handshakes set up per event-loop turn, at most (admission.Turnstile): each
+# costs a few tenths of a millisecond, so while publishes or a fan-out are
+# under way a burst lets them in every ~2 ms; with nothing else to do, more.
 HANDSHAKES_PER_TURN = 4
+HANDSHAKES_PER_IDLE_TURN = 64
 
 
 @dataclass
@@ -58,6 +60,7 @@ def build_services(config: Config, store: Store, broker: Broker) -> Services:
     broker.listen(node)
     if hasattr(store, "commit_observer"):
         store.commit_observer = metrics.observe_commit
+    publisher = Publisher(store, broker, metrics.delivery_latency.observe)
     if config.store.backend == "redis":
         # Refreshed every heartbeat: a dead node leaves presence within three.
         presence: Presence = RedisPresence(hub, config.store.redis_url, node.id,
@@ -66,13 +69,14 @@ def build_services(config: Config, store: Store, broker: Broker) -> Services:
         presence = LocalPresence(hub)
     return Services(
         config=config, store=store, broker=broker, hub=hub, node=node, presence=presence,
-        publisher=Publisher(store, broker, metrics.delivery_latency.observe),
+        publisher=publisher,
         verifier=TokenVerifier(config.auth),
         api_keys=ApiKeys(config.auth.api_keys),
         metrics=metrics,
         flusher=flusher,
         admission=Admission(config.limits),
-        turnstile=Turnstile(HANDSHAKES_PER_TURN),
+        turnstile=Turnstile(HANDSHAKES_PER_TURN, HANDSHAKES_PER_IDLE_TURN,
+                            lambda: publisher.in_flight > 0 or flusher.behind),
     )
 
 

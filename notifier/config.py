@@ -87,7 +87,7 @@ class LimitsConfig:
     commands_burst: int = _f(INT, 200)
     publishes_per_second: float = _f(FLOAT, 0.0)
     max_connections: int = _f(INT, 0)
-    max_connecting: int = _f(INT, 1000)
+    max_connecting: int = _f(INT, 10000)
     connections_per_user: int = _f(INT, 100)
     subscriptions_per_connection: int = _f(INT, 200)
     handshake_timeout: float = _f(DURATION, 10.0)

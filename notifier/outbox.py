@@ -59,6 +59,11 @@ class Flusher:
         self._waiting.append(outbox)
         self.schedule()
 
+    @property
+    def behind(self) -> bool:
+        """A fan-out is under way: outboxes wait for a later slice."""
+        return self._behind or bool(self._waiting)
+
     def in_slice(self) -> bool:
         """May this slice write on? (Cheap enough to ask every few writes.)"""
         now = perf_counter()

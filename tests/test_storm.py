@@ -74,7 +74,7 @@ async def test_a_publish_during_a_connect_burst_reaches_every_subscriber(port):
 
 
 async def test_the_turnstile_lets_a_few_through_per_turn_in_order_with_other_work_between():
-    turnstile = Turnstile(per_turn=2)
+    turnstile = Turnstile(per_turn=2, per_idle_turn=100)  # busy() is true by default
     events: list[str] = []
 
     async def handshake(name: str) -> None:
@@ -100,12 +100,24 @@ async def test_the_turnstile_lets_a_few_through_per_turn_in_order_with_other_wor
 
 
 async def test_a_client_gone_while_waiting_does_not_use_a_turn():
-    turnstile = Turnstile(per_turn=1)
+    turnstile = Turnstile(per_turn=1, per_idle_turn=100)
     assert turnstile.enter() is None
     gone, kept = turnstile.enter(), turnstile.enter()
     gone.cancel()
     await asyncio.wait_for(kept, 1)
     assert not turnstile._waiting
+
+
+async def test_with_nothing_else_under_way_the_turnstile_lets_more_through():
+    busy = {"now": False}
+    turnstile = Turnstile(per_turn=1, per_idle_turn=5, busy=lambda: busy["now"])
+    assert turnstile.enter() is None  # the first turn allows per_turn
+    waits = [turnstile.enter() for _ in range(12)]
+    await asyncio.sleep(0)  # next turn: idle, five go
+    assert sum(wait.done() for wait in waits) == 5
+    busy["now"] = True
+    await asyncio.sleep(0)  # busy: one more
+    assert sum(wait.done() for wait in waits) == 6
 
 
 @pytest.fixture
