@@ -26,6 +26,9 @@ means the client, not the server, set the pace, and the run is not valid;
 "other" is the share of the server's core that anything else took (interrupts,
 the hypervisor, a neighbour's build): a high one marks a disturbed round.
 
+The load generator, wrk's Lua script and the fallback are in
+``bench/common/httpload.py`` (``bench.cluster`` drives them too).
+
 The database must be on a disk: on tmpfs an fsync costs nothing, so the
 benchmark refuses to run there (``--dir`` picks another parent folder).
 """
@@ -34,7 +37,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -44,127 +46,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.common.httpload import TOPICS, Load, commit_counters, run_python, run_wrk, wrk_version
 from bench.common.proc import core_times
 from bench.common.run import git_version
-from bench.common.servers import API_KEY, Server, http
-from bench.common.stats import median, percentile
+from bench.common.servers import Server, http
+from bench.common.stats import median
 
 SERVER_CORE = 0
 CLIENT_CORE = 1
-TOPICS = 10
 RATIO_GOAL = 0.7
 BATCH_GOAL = 50_000
-CLIENT_BUSY_LIMIT = 0.9
 # A round in which anything else took more of the server's core than this is
 # set aside and run again (at most ATTEMPTS times the rounds asked for).
 OTHER_LIMIT = 0.15
 ATTEMPTS = 3
 QUIET_WAIT = 120.0  # seconds a round waits for the server's core to be left alone
 FSYNC_CHECK_SECONDS = 3
-
-# One request body per call of request(): ``n`` runs on per thread, so every
-# stored message is distinct. response() counts each status; done() prints the
-# totals of all threads as one JSON line for the harness.
-WRK_SCRIPT = r"""
-local threads = {}
-local next_tid = 0
-
-function setup(thread)
-  thread:set("tid", next_tid)
-  next_tid = next_tid + 1
-  table.insert(threads, thread)
-end
-
-function init(args)
-  mode = args[1]
-  per_request = tonumber(args[2])
-  pad = string.rep("x", tonumber(args[3]))
-  headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. args[4]}
-  n = tid * 1000000000
-  ok = 0
-  bad = 0
-  bad_sample = ""
-end
-
-local function message()
-  n = n + 1
-  return '{"topic":"bench.t' .. (n % 10) .. '","data":{"n":' .. n .. ',"pad":"' .. pad .. '"}}'
-end
-
-function request()
-  local body
-  if mode == "batch" then
-    local items = {}
-    for i = 1, per_request do items[i] = message() end
-    body = '{"messages":[' .. table.concat(items, ",") .. ']}'
-  else
-    body = message()
-  end
-  return wrk.format("POST", nil, headers, body)
-end
-
-function response(status, hdrs, body)
-  if status == 200 then
-    ok = ok + 1
-  else
-    bad = bad + 1
-    if bad_sample == "" then bad_sample = status .. " " .. string.sub(body, 1, 300) end
-  end
-end
-
-function done(summary, latency, requests)
-  local ok_total, bad_total, sample = 0, 0, ""
-  for _, t in ipairs(threads) do
-    ok_total = ok_total + t:get("ok")
-    bad_total = bad_total + t:get("bad")
-    if sample == "" then sample = t:get("bad_sample") end
-  end
-  local e = summary.errors
-  io.write(string.format(
-    'BENCHJSON {"requests":%d,"ok":%d,"non200":%d,"duration_us":%d,' ..
-    '"socket_errors":%d,"timeouts":%d,"p50_us":%d,"p99_us":%d,"max_us":%d}\n',
-    summary.requests, ok_total, bad_total, summary.duration,
-    e.connect + e.read + e.write, e.timeout,
-    latency:percentile(50), latency:percentile(99), latency.max))
-  io.write("BENCHSAMPLE " .. string.gsub(sample, "\n", " ") .. "\n")
-end
-"""
-
-
-@dataclass
-class Load:
-    """One timed run of the load generator against one URL."""
-    label: str
-    requests: int          # answers received (any status)
-    ok: int                # answers with status 200
-    non200: int
-    socket_errors: int
-    timeouts: int
-    seconds: float
-    per_request: int       # messages per request (1, or the batch size)
-    p50_ms: float
-    p99_ms: float
-    server_busy: float     # share of one core the server used
-    client_busy: float     # share of one core the load generator used
-    others: float          # share of the server's core used by anything else, hypervisor included
-    bad_sample: str = ""
-    commits: float | None = None   # notifier's group commits during the run, from /metrics
-    jobs: float | None = None      # store jobs (publish requests) those commits carried
-
-    @property
-    def valid(self) -> bool:
-        return self.non200 == 0 and self.socket_errors == 0 and self.timeouts == 0
-
-    @property
-    def client_bound(self) -> bool:
-        """The load generator's core was nearly saturated: it may have set the pace."""
-        return self.client_busy >= CLIENT_BUSY_LIMIT
-
-    @property
-    def rate(self) -> float:
-        """Acknowledged messages per second."""
-        return self.ok * self.per_request / self.seconds
-
 
 @dataclass
 class Totals:
@@ -217,142 +114,6 @@ def start(server: Server) -> Server:
     return server
 
 
-def run_wrk(label: str, server: Server, path: str, connections: int, seconds: int,
-            per_request: int, pad: int, workdir: Path) -> Load:
-    script = workdir / "publish.lua"
-    if not script.exists():
-        script.write_text(WRK_SCRIPT)
-    mode = "batch" if path.endswith("/batch") else "single"
-    command = ["taskset", "-c", str(CLIENT_CORE), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
-               "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{server.port}{path}",
-               "--", mode, str(per_request), str(pad), API_KEY]
-    cpu_before, core_before = server.cpu(), core_times()[SERVER_CORE][0]
-    wall_before = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = process.stdout.read().decode(errors="replace")
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.monotonic() - wall_before
-    server_cpu = server.cpu() - cpu_before
-    others = (core_times()[SERVER_CORE][0] - core_before - server_cpu) / wall
-    process.returncode = os.waitstatus_to_exitcode(status)
-    stats = next((json.loads(line.split(" ", 1)[1]) for line in output.splitlines()
-                  if line.startswith("BENCHJSON ")), None)
-    if process.returncode != 0 or stats is None:
-        raise SystemExit(f"wrk failed ({process.returncode}): {' '.join(command)}\n{output}")
-    sample = next((line.split(" ", 1)[1] for line in output.splitlines()
-                   if line.startswith("BENCHSAMPLE ")), "").strip()
-    return Load(label, stats["requests"], stats["ok"], stats["non200"], stats["socket_errors"],
-                stats["timeouts"], stats["duration_us"] / 1e6, per_request,
-                stats["p50_us"] / 1e3, stats["p99_us"] / 1e3, server_cpu / wall,
-                (usage.ru_utime + usage.ru_stime) / wall, others, sample)
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 client connection with one request outstanding at a time."""
-
-    def __init__(self, load: "_PythonLoad") -> None:
-        self.load = load
-        self.buffer = bytearray()
-        self.sent_at = 0.0
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.send()
-
-    def send(self) -> None:
-        if self.load.stopping:
-            self.transport.close()
-            return
-        self.sent_at = time.perf_counter()
-        self.transport.write(self.load.next_request())
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(self.buffer[:end]).split(b"\r\n")
-            length = next((int(line.split(b":", 1)[1]) for line in head[1:]
-                           if line.lower().startswith(b"content-length:")), 0)
-            if len(self.buffer) < end + 4 + length:
-                return
-            body = bytes(self.buffer[end + 4:end + 4 + length])
-            del self.buffer[:end + 4 + length]
-            self.load.answered(int(head[0].split()[1]), body, time.perf_counter() - self.sent_at)
-            self.send()
-
-    def connection_lost(self, exc) -> None:
-        if not self.load.stopping:
-            self.load.socket_errors += 1
-
-
-class _PythonLoad:
-    def __init__(self, port: int, path: str, per_request: int, pad: int) -> None:
-        self.port, self.path, self.per_request = port, path, per_request
-        self.pad = "x" * pad
-        self.n = 0
-        self.stopping = False
-        self.ok = self.non200 = self.socket_errors = 0
-        self.latencies: list[float] = []
-        self.bad_sample = ""
-
-    def _message(self) -> str:
-        self.n += 1
-        return f'{{"topic":"bench.t{self.n % TOPICS}","data":{{"n":{self.n},"pad":"{self.pad}"}}}}'
-
-    def next_request(self) -> bytes:
-        if self.path.endswith("/batch"):
-            body = ('{"messages":[' + ",".join(self._message() for _ in range(self.per_request)) + "]}").encode()
-        else:
-            body = self._message().encode()
-        return (f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
-                f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-
-    def answered(self, status: int, body: bytes, latency: float) -> None:
-        if self.stopping:
-            return
-        self.latencies.append(latency)
-        if status == 200:
-            self.ok += 1
-        else:
-            self.non200 += 1
-            self.bad_sample = self.bad_sample or f"{status} {body[:300].decode(errors='replace')}"
-
-    async def run(self, connections: int, seconds: float) -> float:
-        loop = asyncio.get_running_loop()
-        transports = []
-        for _ in range(connections):
-            transport, _ = await loop.create_connection(lambda: _Connection(self), "127.0.0.1", self.port)
-            transports.append(transport)
-        started = time.perf_counter()
-        await asyncio.sleep(seconds)
-        self.stopping = True
-        elapsed = time.perf_counter() - started
-        for transport in transports:
-            transport.close()
-        return elapsed
-
-
-def run_python(label: str, server: Server, path: str, connections: int, seconds: int,
-               per_request: int, pad: int, workdir: Path) -> Load:
-    load = _PythonLoad(server.port, path, per_request, pad)
-    cpu_before, core_before = server.cpu(), core_times()[SERVER_CORE][0]
-    usage_before = resource.getrusage(resource.RUSAGE_SELF)
-    wall_before = time.monotonic()
-    elapsed = asyncio.run(load.run(connections, seconds))
-    wall = time.monotonic() - wall_before
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    latencies = sorted(load.latencies) or [0.0]
-    server_cpu = server.cpu() - cpu_before
-    return Load(label, load.ok + load.non200, load.ok, load.non200, load.socket_errors, 0, elapsed,
-                per_request, percentile(latencies, 50) * 1e3, percentile(latencies, 99) * 1e3,
-                server_cpu / wall,
-                (usage.ru_utime + usage.ru_stime - usage_before.ru_utime - usage_before.ru_stime) / wall,
-                (core_times()[SERVER_CORE][0] - core_before - server_cpu) / wall, load.bad_sample)
-
-
 def read_heads(port: int) -> dict[str, int]:
     heads = {}
     for i in range(TOPICS):
@@ -362,22 +123,6 @@ def read_heads(port: int) -> dict[str, int]:
             raise SystemExit(f"GET /api/topics/{topic}/messages answered {status}: {body[:300]!r}")
         heads[topic] = json.loads(body)["head"]
     return heads
-
-
-def commit_counters(port: int) -> tuple[float, float] | None:
-    """notifier's group-commit counters from /metrics: (commits, jobs committed)."""
-    try:
-        status, body = http("GET", f"http://127.0.0.1:{port}/metrics")
-    except OSError:
-        return None
-    values = {}
-    for line in body.decode(errors="replace").splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("notifier_store_commit_jobs_count", "notifier_store_commit_jobs_sum"):
-            values[name] = float(value)
-    if status != 200 or len(values) != 2:
-        return None
-    return values["notifier_store_commit_jobs_count"], values["notifier_store_commit_jobs_sum"]
 
 
 def syscall_counts(strace_summary: str) -> dict[str, int]:
@@ -431,9 +176,8 @@ def main() -> int:
         raise SystemExit(f"needs cores {SERVER_CORE} and {CLIENT_CORE}: one for the server, one for the load")
     if shutil.which("taskset") is None:
         raise SystemExit("needs taskset (Debian: util-linux)")
-    if shutil.which("wrk"):
-        drive, client_name = run_wrk, "wrk " + subprocess.run(
-            ["wrk", "-v"], capture_output=True, text=True).stdout.split(" [")[0].removeprefix("wrk ").strip()
+    if wrk_version():
+        drive, client_name = run_wrk, wrk_version()
     else:
         drive, client_name = run_python, "Python asyncio fallback client (wrk not found: apt-get install wrk)"
         os.sched_setaffinity(0, {CLIENT_CORE})
@@ -452,7 +196,8 @@ def main() -> int:
 
     def measure(server: Server, path: str, connections: int, per_request: int, seconds: float, label: str) -> Load:
         counters_before = commit_counters(server.port) if server is notifier else None
-        load = drive(label, server, path, connections, seconds, per_request, args.pad, workdir)
+        load = drive(label, server.port, path, connections, seconds, per_request, args.pad, workdir,
+                     parts={"server": server.cpu}, server_cores={SERVER_CORE}, client_core=CLIENT_CORE)
         everything.append(load)
         if server is notifier:
             totals.acked_messages += load.ok * per_request
