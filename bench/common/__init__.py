@@ -6,6 +6,9 @@
 - ``servers``: the servers under test as pinned subprocesses (the peers, the
   no-op HTTP handler, ``notifier serve``), ports, readiness, stopping, and
   notifier's HTTP API.
+- ``redis_server``: a redis-server of the benchmark's own on a free port.
 - ``clients``: the fan-out load generator's WebSocket clients.
+- ``rounds``: one fan-out round (serial or burst) against one server.
+- ``httpload``: the HTTP publish load (wrk, or a Python fallback).
 - ``stats``: percentiles, medians, ratios.
 """

@@ -5,6 +5,7 @@ peers in bench/peers/, the no-op HTTP handler (bench/noop_server.py) and
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -47,6 +48,8 @@ LIFTED_LIMITS = {
     "NOTIFIER_LIMITS_MAX_BUFFERED_BYTES": str(64 * 1024 * 1024),
     "NOTIFIER_LIMITS_COMMANDS_PER_SECOND": "1000000",
     "NOTIFIER_LIMITS_COMMANDS_BURST": "1000000",
+    # every subscriber of a fan-out test is the same user
+    "NOTIFIER_LIMITS_CONNECTIONS_PER_USER": "0",
 }
 
 
@@ -56,13 +59,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_preexec(core: int | None) -> Callable[[], None]:
+def server_preexec(core: int | set[int] | None) -> Callable[[], None]:
     """For Popen's preexec_fn: the child's open-files limit raised, and the
-    child pinned to `core` (None: not pinned)."""
+    child pinned to `core`, or to a set of cores (None: not pinned)."""
+    cores = {core} if isinstance(core, int) else core
+
     def preexec() -> None:
         raise_nofile()
-        if core is not None:
-            os.sched_setaffinity(0, {core})
+        if cores is not None:
+            os.sched_setaffinity(0, cores)
 
     return preexec
 
@@ -78,7 +83,7 @@ class Server:
     for notifier. start() after stop() runs a new process on the same port
     and store: a restart."""
 
-    def __init__(self, name: str, workdir: Path, *, core: int | None, notifier: str | None = None,
+    def __init__(self, name: str, workdir: Path, *, core: int | set[int] | None, notifier: str | None = None,
                  serve: list[str] | None = None, env: dict[str, str] | None = None):
         self.name = name
         self.kind = "notifier" if name.startswith("notifier") else "peer"
@@ -168,6 +173,18 @@ class Server:
             raise RuntimeError("notifier token printed nothing")
         return lines[-1]
 
+    async def wait_workers(self, count: int, timeout: float = 30.0) -> None:
+        """Until `count` sockets listen on the port (`notifier serve --workers`:
+        one per worker, SO_REUSEPORT), then take in every process of the tree."""
+        deadline = time.monotonic() + timeout
+        while listening_sockets(self.port) < count:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: {listening_sockets(self.port)} of {count} workers listen "
+                                   f"on {self.port}:\n{self.tail()}")
+            await asyncio.sleep(0.1)
+        self.pids = proc_tree(self.proc.pid)
+        OUR_PIDS.update(self.pids)
+
     def cpu(self) -> float:
         return cpu_seconds(self.pids)
 
@@ -213,6 +230,26 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
+
+
+def listening_sockets(port: int) -> int:
+    """TCP sockets listening on `port` (IPv4), from /proc/net/tcp."""
+    count = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            local, _, state = line.split()[1:4]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+def topic_head(port: int, topic: str) -> int:
+    """The head (last seq stored) of `topic`, through notifier's HTTP API."""
+    status, body = http("GET", f"http://127.0.0.1:{port}/api/topics/{topic}/messages?since=0&limit=1")
+    if status != 200:
+        raise RuntimeError(f"GET /api/topics/{topic}/messages answered {status}: {body[:300]!r}")
+    return json.loads(body)["head"]
 
 
 def http(method: str, url: str, body: bytes | None = None, timeout: float = 10) -> tuple[int, bytes]:
