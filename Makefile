@@ -52,6 +52,9 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python -m bench.publish
 	$(BIN)/python -m bench.fanout
 	$(BIN)/python -m bench.storm
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) \
+		|| echo "bench: redis-server not installed; bench.cluster cannot run" >&2
+	$(BIN)/python -m bench.cluster
 
 clean:
 	rm -rf $(VENV) $(LOWEST) var .pytest_cache
