@@ -47,7 +47,7 @@ function init(args)
   per_request = tonumber(args[2])
   pad = string.rep("x", tonumber(args[3]))
   headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. args[4]}
-  n = tid * 1000000000 + tonumber(args[5])
+  n = tid * 1000000000
   ok = 0
   bad = 0
   bad_sample = ""
@@ -161,17 +161,16 @@ def wrk_version() -> str | None:
 
 
 def run_wrk(label: str, port: int, path: str, connections: int, seconds: float, per_request: int,
-            pad: int, workdir: Path, *, parts: Parts, server_cores: set[int], client_core: int,
-            start_n: int = 0) -> Load:
+            pad: int, workdir: Path, *, parts: Parts, server_cores: set[int], client_core: int) -> Load:
     """wrk (one thread, pinned to `client_core`) for `seconds` against
-    127.0.0.1:`port``path`. `start_n` offsets the message numbers."""
+    127.0.0.1:`port``path`."""
     script = workdir / "publish.lua"
     if not script.exists():
         script.write_text(WRK_SCRIPT)
     mode = "batch" if path.endswith("/batch") else "single"
     command = ["taskset", "-c", str(client_core), "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s",
                "--timeout", "5s", "-s", str(script), f"http://127.0.0.1:{port}{path}",
-               "--", mode, str(per_request), str(pad), API_KEY, str(start_n)]
+               "--", mode, str(per_request), str(pad), API_KEY]
     cpu_before, busy_before = _cpu(parts), _busy(server_cores)
     wall_before = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -236,10 +235,10 @@ class _Connection(asyncio.Protocol):
 
 
 class _PythonLoad:
-    def __init__(self, port: int, path: str, per_request: int, pad: int, start_n: int) -> None:
+    def __init__(self, port: int, path: str, per_request: int, pad: int) -> None:
         self.port, self.path, self.per_request = port, path, per_request
         self.pad = "x" * pad
-        self.n = start_n
+        self.n = 0
         self.stopping = False
         self.ok = self.non200 = self.socket_errors = 0
         self.latencies: list[float] = []
@@ -284,11 +283,10 @@ class _PythonLoad:
 
 
 def run_python(label: str, port: int, path: str, connections: int, seconds: float, per_request: int,
-               pad: int, workdir: Path, *, parts: Parts, server_cores: set[int], client_core: int,
-               start_n: int = 0) -> Load:
+               pad: int, workdir: Path, *, parts: Parts, server_cores: set[int], client_core: int) -> Load:
     """The fallback: the same load from this process (which the caller has
     pinned to `client_core`), one request outstanding per connection."""
-    load = _PythonLoad(port, path, per_request, pad, start_n)
+    load = _PythonLoad(port, path, per_request, pad)
     cpu_before, busy_before = _cpu(parts), _busy(server_cores)
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
     wall_before = time.monotonic()
