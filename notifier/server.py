@@ -31,6 +31,7 @@ from notifier.store.sqlite import SQLiteStore
 from notifier.workers import ALIVE_EVERY, WorkerReports
 
 STATUS_INTERVAL = 5.0
+CLOSE_GRACE = 1.0  # seconds a drain waits for sockets to close after the 1001s
 # Connections the kernel holds for accept(): in a reconnect storm, one that
 # finds the queue full is dropped and retried a second or more later. The
 # kernel caps it at net.core.somaxconn.
@@ -181,9 +182,10 @@ class Server:
             self.log.error("server.drain_timeout", in_flight=services.publisher.in_flight)
         for peer in list(services.hub.peers):
             peer.close_with(protocol.CLOSE_GOING_AWAY, "server shutting down")
-        # Give answers and close frames a moment to leave, then hang up.
+        # Give answers and close frames a moment to leave, and clients a
+        # moment to answer the close (each is logged as it ends), then hang up.
         try:
-            await asyncio.wait_for(http.close_all_connections(), 1.0)
+            await asyncio.wait_for(self._all_closed(http), CLOSE_GRACE)
         except asyncio.TimeoutError:
             pass
         for timer in timers:
@@ -193,6 +195,13 @@ class Server:
         await self._close_backend(services)
         self.log.info("server.stopped")
         return 0
+
+    async def _all_closed(self, http: HTTPServer) -> None:
+        """Until every HTTP connection and every WebSocket has closed (the
+        WebSockets left HTTPServer's keeping at their upgrade)."""
+        await http.close_all_connections()
+        while self.services.hub.peers:
+            await asyncio.sleep(0.01)
 
     async def _close_backend(self, services: Services) -> None:
         await services.presence.close()
