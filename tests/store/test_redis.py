@@ -303,11 +303,13 @@ async def test_a_script_refused_inside_a_pipeline_harms_no_other_job(open_store,
 
 
 async def test_reads_never_return_messages_older_than_max_age(open_store, raw):
-    store = await open_store(max_age=1.0)
+    # Sleeping can only overshoot: 1 and 2 are surely past max_age at the
+    # read; 3 has 1.2 s to spare on a busy machine.
+    store = await open_store(max_age=2.0)
     await store.append([draft("t", 1), draft("t", 2)])
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(1.5)
     await store.append([draft("t", 3)])
-    await asyncio.sleep(0.6)  # 1 and 2 are past max_age now, 3 is not; no append since
+    await asyncio.sleep(0.8)  # 1 and 2 are past max_age now, 3 is not; no append since
     history = await store.read_since("t", 0, 100)
     assert [m.seq for m in history.messages] == [3]
     assert (history.head, history.oldest) == (3, 3)
@@ -315,12 +317,12 @@ async def test_reads_never_return_messages_older_than_max_age(open_store, raw):
 
 
 async def test_reads_from_a_cursor_skip_expired_messages_too(open_store):
-    store = await open_store(max_age=1.0)
+    store = await open_store(max_age=2.0)
     await store.append([draft("t", 1), draft("t", 2)])
     await store.set_cursor("alice", "t", 1)
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(1.5)
     await store.append([draft("t", 3)])
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(0.8)
     resume = await store.read_from_cursor("alice", "t", None, 100)
     assert resume.since == 1
     assert [m.seq for m in resume.history.messages] == [3]
