@@ -9,9 +9,11 @@ replies come back through ``send``; the protocol's rules live in
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Awaitable
 from urllib.parse import urlsplit
 
+import tornado.web
 import tornado.websocket
 from tornado.iostream import StreamBufferFullError
 
@@ -40,6 +42,7 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         self.compressed = False
         self.admitted: str | None = None  # the user this connection is counted for
         self.settled = False
+        self.turn: asyncio.Future | None = None  # while it waits in the turnstile
 
     # Handshake
 
@@ -73,12 +76,20 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
             return self._refuse_with(refusal)
         turn = services.turnstile.enter()
         if turn is not None:
+            self.turn = turn
             return self._prepare_in_turn(turn)
         return self._check_token()
 
-    async def _prepare_in_turn(self, turn: Awaitable[None]) -> None:
+    async def _prepare_in_turn(self, turn: asyncio.Future) -> None:
         """A burst of handshakes: this one waits for its loop turn first."""
-        await turn
+        try:
+            await turn
+        except asyncio.CancelledError:
+            # Its client left while it waited (on_close cancelled the turn):
+            # no token check, no store read, nobody to answer.
+            self.set_status(499, "Client Closed Request")
+            raise tornado.web.Finish() from None
+        self.turn = None
         pending = self._check_token()
         if pending is not None:
             await pending
@@ -200,6 +211,8 @@ class SocketHandler(tornado.websocket.WebSocketHandler):
         self.session.heard()
 
     def on_close(self) -> None:
+        if self.turn is not None:
+            self.turn.cancel()  # the turnstile skips it; _prepare_in_turn finishes
         if self.outbox is not None:
             self.outbox.discard()
         if self.session is not None:
