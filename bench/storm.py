@@ -28,7 +28,7 @@ pinned to --client-core), starts every server as a subprocess pinned to
   arrived (picows clients: each checks what it gets, frame by frame). After
   --settle s the server's VmRSS is the steady state. Then
   notifier is restarted: SIGTERM, wait for the exit, start again on the same
-  store and port. A client whose connection ends reconnects as a client
+  store and port (listening is timed by its sd_notify READY=1). A client whose connection ends reconnects as a client
   library would, with full-jitter exponential backoff: it sleeps a time
   drawn uniformly from 0 to min(--backoff-cap, --backoff-base x 2^n), n the
   attempts that failed since its last connection that delivered its queue;
@@ -70,6 +70,8 @@ import random
 import resource
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -438,6 +440,21 @@ async def until(condition, timeout: float, every: float = 0.02) -> bool:
     return True
 
 
+def restart_when_exited(server: Server, notify: socket.socket) -> tuple[float, float, int | None]:
+    """In a thread: wait for the server to exit (killed after 30 s), start it
+    again, wait for its READY=1 on `notify`; (exit time, listening time, exit code)."""
+    try:
+        code = server.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        code = server.proc.wait(5)
+    t_exit = time.monotonic()
+    server.start()
+    while b"READY=1" not in notify.recv(4096).split(b"\n"):
+        pass
+    return t_exit, time.monotonic(), code
+
+
 async def storm_test(workdir: Path, args: argparse.Namespace) -> dict:
     n = args.storm_clients
     server = Server("notifier@storm", workdir, core=args.server_core, notifier=args.notifier)
@@ -486,11 +503,18 @@ async def storm_test(workdir: Path, args: argparse.Namespace) -> dict:
         tally.failed.clear()
         w = Window(server)
         t_term = w.t0
+        # Like systemd's Restart=: a thread waits for the exit and starts the
+        # new process at once, and takes the times itself; the event loop,
+        # busy with 10,000 clients, would notice both late. Listening is when
+        # the new process says READY=1 (sd_notify): a connect probe would be
+        # dropped at a full accept queue and come back a retransmission late.
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(workdir / "notify.sock"))
+        notify.settimeout(30)
+        server.env["NOTIFY_SOCKET"] = str(workdir / "notify.sock")
+        restarted = asyncio.get_running_loop().run_in_executor(None, restart_when_exited, server, notify)
         server.proc.send_signal(signal.SIGTERM)
-        await server.wait_exit(30)
-        t_exit = time.monotonic()
-        out["old_exit_code"] = server.proc.returncode
-        server.start()
+        t_exit, t_listen, out["old_exit_code"] = await restarted
         sampled = [0]
 
         async def sample_rss() -> None:
@@ -501,13 +525,14 @@ async def storm_test(workdir: Path, args: argparse.Namespace) -> dict:
         sampler = asyncio.create_task(sample_rss())
         try:
             await server.wait_listening()
-            t_listen = time.monotonic()
             # Done: every client has its queue on a connection opened after the old process exited.
             done = await until(lambda: tally.complete >= n
                                and all(c.done_at is not None and c.done_at > t_exit for c in clients),
                                args.storm_timeout, every=0.05)
         finally:
             sampler.cancel()
+            notify.close()
+            del server.env["NOTIFY_SOCKET"]
         last = max((c.done_at for c in clients if c.done_at is not None), default=None)
         storm = w.end(last if done else None)
         # The window started on the old process: CPU and wait are the new one's, start-up included.
