@@ -85,7 +85,7 @@ from picows import WSError, WSInvalidStatusError, WSListener, WSMsgType, WSTrans
 
 from bench.common.clients import Hub, RawSub
 from bench.common.proc import (OUR_PIDS, listen_overflows, others_cpu_delta, run_quietly, user_process_times,
-                               wait_quiet)
+                               wait_quiet, wait_time_wait)
 from bench.common.run import (CLIENT_BOUND_PCT, add_run_args, git_version, log, pin_load_generator, raise_nofile,
                               run, source_ips)
 from bench.common.servers import BASELINE, JWT_SECRET, Server, http
@@ -474,6 +474,7 @@ async def storm_test(workdir: Path, args: argparse.Namespace) -> dict:
         clients = [StormClient(u, f"{server.url}?token={t}", ips[i % len(ips)], expected[i], tally)
                    for i, (u, t) in enumerate(zip(users, tokens(users)))]
 
+        await wait_time_wait()
         await wait_quiet(args, exclude=OUR_PIDS | {os.getpid()})
         gate = asyncio.Semaphore(args.concurrency)
         w = Window(server)
