@@ -27,8 +27,9 @@ pinned to --client-core), starts every server as a subprocess pinned to
   per user connects, --concurrency at a time, and is done once its queue has
   arrived (picows clients: each checks what it gets, frame by frame). After
   --settle s the server's VmRSS is the steady state. Then
-  notifier is restarted: SIGTERM, wait for the exit, start again on the same
-  store and port (listening is timed by its sd_notify READY=1). A client whose connection ends reconnects as a client
+  notifier is restarted: SIGTERM, and as soon as it has exited, start again
+  on the same store and port (listening is timed by its sd_notify READY=1).
+  A client whose connection ends reconnects as a client
   library would, with full-jitter exponential backoff: it sleeps a time
   drawn uniformly from 0 to min(--backoff-cap, --backoff-base x 2^n), n the
   attempts that failed since its last connection that delivered its queue;

@@ -131,7 +131,7 @@ async def test_a_handshake_whose_client_left_while_it_waited_is_not_set_up(port,
     assert [line["status"] for line in access] == [499]
     # ... and its turn, when it comes, sets nothing up.
     turnstile.per_turn = turnstile.per_idle_turn = 4
-    turnstile.enter()
+    turnstile.enter()  # a handshake arriving now: it brings the next turn
     await asyncio.sleep(0.05)
     assert not turnstile._waiting
     assert events(captured, "connection.open") == []
