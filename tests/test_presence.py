@@ -88,7 +88,7 @@ async def test_a_closed_node_withdraws_its_record_at_once(redis):
 
 
 async def test_a_node_that_stops_renewing_drops_out_within_three_periods(redis):
-    (hub_a, a), (hub_b, b) = node(redis.url, "a"), node(redis.url, "b")
+    (hub_a, a), (_, b) = node(redis.url, "a"), node(redis.url, "b")
     await a.start()
     await b.start()
     connect(hub_a, "alice", "room")

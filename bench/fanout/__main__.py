@@ -175,15 +175,15 @@ async def amain(args: argparse.Namespace) -> int:
               f"{args.client_core}; {platform.python_implementation()} {platform.python_version()}, "
               f"{os.cpu_count()} cores; notifier at {version}; run took {total_s:.0f} s")
     md = [f"Command: `{cmd.strip()}`", "", header, "",
-          f"Ratios in parentheses are to the `websockets` peer. Server CPU s is for one round "
-          f"(the same work for every server).", "", rounds.fmt_table(summary)]
+          "Ratios in parentheses are to the `websockets` peer. Server CPU s is for one round "
+          "(the same work for every server).", "", rounds.fmt_table(summary)]
     if mem:
         md += ["", "Memory per idle connection (connected and subscribed, compression off):", "", memory.fmt_memory(mem)]
     if floor:
         md += ["", "Send floor (bench/send_floor.py: one plain `send` per socket, no server):", "",
                send_floor.fmt_floor(floor)]
     if http:
-        md += ["", f"HTTP `POST /api/publish` -> WebSocket receive (notifier, durable):", "", http_publish.fmt_http(http)]
+        md += ["", "HTTP `POST /api/publish` -> WebSocket receive (notifier, durable):", "", http_publish.fmt_http(http)]
     md += ["", "Goals (issue 4):", ""] + [f"- {v}: {title}: {note}" for title, v, note in verdicts]
     if failures:
         md += ["", "Problems seen:", ""] + [f"- {name}: " + f.replace("\n", "\n      ")
