@@ -7,6 +7,7 @@ import asyncio
 import os
 import secrets
 import socket
+import time
 from urllib.parse import quote
 
 import orjson
@@ -102,6 +103,23 @@ async def api(port: int, method: str, path: str, body=None, key: str | None = AP
     except orjson.JSONDecodeError:
         parsed = {"raw": text.decode(errors="replace")}
     return response.code, parsed
+
+
+def upgrade_request(port: int, jwt: str, version: str = "13") -> bytes:
+    """The bytes of a WebSocket handshake for ``/ws?token=jwt``, for tests
+    that drive the socket by hand (a fixed key: nothing here checks it)."""
+    return (f"GET /ws?token={quote(jwt)} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: {version}\r\n\r\n").encode()
+
+
+async def until(condition, timeout: float = 5.0) -> None:
+    """Until ``condition()`` is true, checked every 10 ms; AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("not in time")
+        await asyncio.sleep(0.01)
 
 
 def lines(stream) -> list[dict]:

@@ -14,7 +14,7 @@ import websockets.asyncio.client
 
 from notifier import internals
 
-from support import api, connect, token
+from support import api, connect, token, upgrade_request
 
 SUBSCRIBERS = 20
 
@@ -86,11 +86,7 @@ async def _stalled_socket(port: int) -> socket.socket:
     sock.setblocking(False)
     await loop.sock_connect(sock, ("127.0.0.1", port))
     jwt = token("stalled", topics=["fan.>"])
-    await loop.sock_sendall(sock, (
-        f"GET /ws?token={quote(jwt)} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode())
+    await loop.sock_sendall(sock, upgrade_request(port, jwt))
     assert (await loop.sock_recv(sock, 12)) == b"HTTP/1.1 101"
     subscribe = orjson.dumps({"type": "subscribe", "topic": "fan.slow"})
     mask = b"\x00\x00\x00\x00"  # a zero mask leaves the payload as is

@@ -17,7 +17,7 @@ import tornado.httpclient
 from notifier.messages import Draft
 from notifier.store.sqlite import SQLiteStore
 from procs import ServerProcess
-from support import API_KEY, SECRET, api, connect, lines, token
+from support import API_KEY, SECRET, api, connect, lines, token, upgrade_request
 
 # A run of 20 digits sends a frame or body through the exact (stdlib) parser,
 # where most of class 1 used to get past the checks.
@@ -282,10 +282,7 @@ async def test_a_text_frame_that_is_not_utf8_is_bad_request_and_the_socket_stays
     # drops the connection without a close frame; notifier reads them as
     # bytes instead (internals.text_as_bytes) and answers like any bad frame.
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write((f"GET /ws?token={token('alice')} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                  "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    writer.write(upgrade_request(port, token('alice')))
     assert (await reader.readline()).startswith(b"HTTP/1.1 101")
     await reader.readuntil(b"\r\n\r\n")
 

@@ -15,7 +15,7 @@ import tornado.httpclient
 import tornado.websocket
 
 from procs import ServerProcess
-from support import api, connect, token
+from support import api, connect, token, until, upgrade_request
 
 
 @pytest.fixture
@@ -66,11 +66,11 @@ async def test_a_user_over_connections_per_user_gets_429_and_others_are_served(t
     assert "connections_per_user" in error_of(refused)["message"]
     bob = await connect(port, token("bob"))  # per user, not per node
     first.close()
-    await _until(lambda: services.admission.per_user.get("alice") == 1)
+    await until(lambda: services.admission.per_user.get("alice") == 1)
     again = await connect(port, token("alice"))
     for client in (second, bob, again):
         client.close()
-    await _until(lambda: services.admission.open == 0)
+    await until(lambda: services.admission.open == 0)
     assert services.admission.per_user == {} and services.admission.connecting == 0
 
 
@@ -80,7 +80,7 @@ async def test_a_node_at_max_connections_answers_503_with_retry_after(two_in_all
     assert refused.code == 503 and refused.headers["Retry-After"] == "1"
     assert error_of(refused)["code"] == "unavailable"
     clients[0].close()
-    await _until(lambda: services.admission.open == 1)
+    await until(lambda: services.admission.open == 1)
     carol = await connect(port, token("carol"))
     carol.close()
     clients[1].close()
@@ -95,13 +95,13 @@ async def test_connections_still_setting_up_are_capped(one_connecting, port, ser
         assert status == 200
     stalled = await _stalled_handshake(port, token("alice"))
     try:
-        await _until(lambda: services.admission.connecting == 1)
+        await until(lambda: services.admission.connecting == 1)
         refused = await handshake(port, token("bob"))
         assert refused.code == 503 and refused.headers["Retry-After"] == "1"
         assert "set up" in error_of(refused)["message"]
     finally:
         stalled.close()
-    await _until(lambda: services.admission.connecting == 0 and services.admission.open == 0)
+    await until(lambda: services.admission.connecting == 0 and services.admission.open == 0)
     bob = await connect(port, token("bob"))
     bob.close()
 
@@ -117,7 +117,7 @@ async def test_a_refused_origin_and_a_failed_upgrade_release_their_count(config,
     # A handshake Tornado refuses after the token was accepted (bad version).
     status, _ = await _raw_upgrade(port, token("alice"), version="5")
     assert status == 426
-    await _until(lambda: services.admission.open == 0)
+    await until(lambda: services.admission.open == 0)
     assert services.admission.per_user == {} and services.admission.connecting == 0
 
 
@@ -158,27 +158,13 @@ async def _stalled_handshake(port: int, jwt: str) -> socket.socket:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
     sock.connect(("127.0.0.1", port))
-    sock.sendall(_upgrade_request(port, jwt, "13"))
+    sock.sendall(upgrade_request(port, jwt, "13"))
     return sock
 
 
 async def _raw_upgrade(port: int, jwt: str, version: str) -> tuple[int, bytes]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(_upgrade_request(port, jwt, version))
+    writer.write(upgrade_request(port, jwt, version))
     status_line = await reader.readline()
     writer.close()
     return int(status_line.split()[1]), status_line
-
-
-def _upgrade_request(port: int, jwt: str, version: str) -> bytes:
-    return (f"GET /ws?token={jwt} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            f"Sec-WebSocket-Version: {version}\r\n\r\n").encode()
-
-
-async def _until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("not in time")
-        await asyncio.sleep(0.01)

@@ -10,7 +10,7 @@ import asyncio
 import pytest
 
 from notifier.admission import Turnstile
-from support import api, connect, events, lines, token
+from support import api, connect, events, lines, token, until, upgrade_request
 
 BURST = 150
 
@@ -111,22 +111,14 @@ async def test_a_client_gone_while_waiting_does_not_use_a_turn():
 async def test_a_handshake_whose_client_left_while_it_waited_is_not_set_up(port, services, captured):
     turnstile = services.turnstile
     turnstile.per_turn = turnstile.per_idle_turn = turnstile._allowed = 0  # nothing passes for now
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /ws?token=%s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                 b"Sec-WebSocket-Version: 13\r\n\r\n" % token("leaver").encode())
-    for _ in range(200):
-        if turnstile.waiting:
-            break
-        await asyncio.sleep(0.005)
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(upgrade_request(port, token("leaver")))
+    await until(lambda: turnstile.waiting)
     assert turnstile.waiting == 1
     writer.close()
     # It is answered (499, nobody to read it) as soon as its client is gone,
     # without waiting for its turn...
-    for _ in range(200):
-        if any(line.get("path") == "/ws" for line in lines(captured)):
-            break
-        await asyncio.sleep(0.005)
+    await until(lambda: any(line.get("path") == "/ws" for line in lines(captured)))
     access = [line for line in lines(captured) if line.get("path") == "/ws"]
     assert [line["status"] for line in access] == [499]
     # ... and its turn, when it comes, sets nothing up.
