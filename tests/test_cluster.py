@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from notifier.broker.redis import RECONNECT_MOST
 from procs import ServerProcess, read_history, send
 from redis_server import RedisServer
 from support import API_KEY, connect, token
@@ -245,7 +246,11 @@ def test_redis_killed_during_publishes_loses_no_2xx_and_refuses_with_503(cluster
     assert len(set(ids.values())) == len(ids), "no message stored twice"
     for seq, message_id in publishers.answered:
         assert ids.get(seq) == message_id, f"acknowledged seq {seq} lost or changed"
-    assert _status(a, "/readyz") == 200 and _status(b, "/readyz") == 200
+    # Publishes come back on the store's connection; readiness also needs
+    # the broker's pub/sub one, which reconnects on its own backoff (at most
+    # RECONNECT_MOST apart) and may come back a moment later.
+    until(lambda: _status(a, "/readyz") == 200 and _status(b, "/readyz") == 200,
+          timeout=RECONNECT_MOST + 1.0)
 
 
 def _status(node: ServerProcess, path: str) -> int:
