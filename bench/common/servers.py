@@ -210,17 +210,6 @@ class Server:
             return ""
         return "\n".join(lines[-n:])
 
-    async def wait_exit(self, timeout: float = 15.0) -> None:
-        """Until the process has exited (after a signal), without blocking the
-        event loop; killed after `timeout` s."""
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                self.proc.wait(5)
-                return
-            await asyncio.sleep(0.01)
-
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
